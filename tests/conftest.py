@@ -49,3 +49,18 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     storage.s3_client().create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
     storage.reset_s3_client()  # the next test must not sign with this test's settings
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the session: 2 CPUs and 4 fake GPUs (for scheduling tests; torch still sees no
+    CUDA), with the moto S3 endpoint and dummy credentials in every worker's environment."""
+    import ray
+
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, object_store_memory=300 * 2**20,
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    yield ray
+    ray.shutdown()

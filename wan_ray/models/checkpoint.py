@@ -13,23 +13,29 @@ converted to the target dtype and device, and assigned. Every key must be consum
 match; errors name the file and the key.
 
 An optional `wan_ray.json` in a release root names the task preset (`{"task": "tiny"}`) for checkpoints
-whose task cannot be recognised from their structure (the bundled tiny model, fine-tunes of other sizes).
+whose task cannot be recognised from their structure (the bundled tiny model, fine-tunes of other sizes);
+its other keys override fields of that `TaskSpec` (e.g. `"sample_steps": 30`, or `"vae_config"` for a VAE
+of non-standard size with its own latent statistics).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .config import DiTConfig, TaskSpec, get_preset
 from .dit import FP32_PARAMS, WanDiT, dit_config_from_diffusers, dit_key_from_diffusers
+from .text_encoder import UMT5TextEncoder, load_tokenizer, load_umt5_encoder
+from .vae import WanVAE, build_vae, vae_config_from_diffusers, vae_state_dict_from_diffusers
 
 Layout = Literal["official", "diffusers"]
 TASK_FILE = "wan_ray.json"
@@ -83,6 +89,19 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     else:
         raise CheckpointError(f"{path}: unsupported weight file (accepted: .safetensors, .pth, .pt, .bin, or "
                               "a folder of safetensors shards)")
+
+
+def list_keys(path: str | Path) -> list[str]:
+    """The tensor names of a weight file or folder, without reading the tensors (safetensors headers)."""
+    path = Path(path)
+    if path.is_dir():
+        return [k for f in _weight_files(path) for k in list_keys(f)]
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    return [k for k, _ in iter_tensors(path)]  # .pth: memory-mapped, so only the index is read
 
 
 def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], *, source: str,
@@ -174,6 +193,39 @@ def load_dit(path: str | Path, device: torch.device | str | None = None,
     return model.eval()
 
 
+def load_vae(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+             config: dict[str, Any] | None = None) -> WanVAE:
+    """Load a Wan VAE: the official `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` or a diffusers `vae/` folder.
+
+    The version is read from the keys (official) or config.json (diffusers); `config` overrides constructor
+    fields (needed for VAEs of non-standard size, e.g. the bundled tiny model). Default dtype: float32.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"VAE weights {path} do not exist")
+    keys = list_keys(path)
+    if path.is_dir():
+        version, kwargs = vae_config_from_diffusers(_read_json(path / "config.json"))
+        try:
+            official = vae_state_dict_from_diffusers(dict(zip(keys, keys, strict=True)))
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        to_official = {stored: ours for ours, stored in official.items()}
+        rename = to_official.__getitem__
+    else:
+        nested = any(re.match(r"encoder\.downsamples\.\d+\.downsamples\.", k) for k in keys)
+        version, kwargs, rename = ("2.2" if nested else "2.1"), {}, (lambda k: k)
+    kwargs.update(config or {})
+    try:
+        with torch.device("meta"):
+            vae = build_vae(version, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot build a Wan{version} VAE from {kwargs}: {err}") from None
+    load_into(vae, iter_tensors(path), source=str(path), device=device or "cpu",
+              dtype=dtype or torch.float32, rename=rename)
+    return vae.eval()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Whole releases
 
@@ -190,12 +242,25 @@ class Checkpoint:
     text_encoder: Path  # the umT5 .pth (official) or a folder (diffusers)
     tokenizer: Path
 
+    def load_expert(self, name: str, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> WanDiT:
+        if name not in self.experts:
+            raise CheckpointError(f"{self.root} has no expert {name!r}; it has {sorted(self.experts)}")
+        return load_dit(self.experts[name], device, dtype)
+
+    def load_vae(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WanVAE:
+        return load_vae(self.vae, device, dtype, config=self.task.vae_config)
+
+    def load_text_encoder(self, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> UMT5TextEncoder:
+        model = load_umt5_encoder(self.text_encoder, device=device, dtype=dtype)
+        return UMT5TextEncoder(model, load_tokenizer(self.tokenizer), text_len=self.task.text_len)
+
 
 def open_checkpoint(root: str | Path) -> Checkpoint:
-    """Recognise a release folder (official or diffusers layout) and check that its components exist."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint folder {root} does not exist")
+    """Recognise a release folder (official or diffusers layout, or a bundled name such as `tiny`) and check
+    that its components exist."""
+    root = resolve_checkpoint(root)
     if (root / "model_index.json").is_file():
         return _open_diffusers(root)
     return _open_official(root)
@@ -210,12 +275,13 @@ def _require(path: Path, what: str) -> Path:
 def _task_for(root: Path, dit: DiTConfig, two_experts: bool) -> TaskSpec:
     """The task preset, named by `wan_ray.json` or recognised by architecture, with the stored DiT config."""
     if (root / TASK_FILE).is_file():
-        name = _read_json(root / TASK_FILE).get("task")
+        fields = _read_json(root / TASK_FILE)
+        name = fields.pop("task", None)
         if not name:
             raise CheckpointError(f"{root / TASK_FILE} must name a task, e.g. {{\"task\": \"t2v-A14B\"}}")
         try:
-            spec = get_preset(name)
-        except ValueError as err:
+            spec = _with_overrides(get_preset(name), fields)
+        except (TypeError, ValueError) as err:
             raise CheckpointError(f"{root / TASK_FILE}: {err}") from None
     else:
         name = {("t2v", True): "t2v-A14B", ("i2v", True): "i2v-A14B", ("ti2v", False): "ti2v-5B"}.get(
@@ -227,6 +293,33 @@ def _task_for(root: Path, dit: DiTConfig, two_experts: bool) -> TaskSpec:
     if spec.is_moe != two_experts:
         raise CheckpointError(f"{root}: task {spec.name} needs {'two experts' if spec.is_moe else 'one DiT'}")
     return dataclasses.replace(spec, dit=dit)
+
+
+def _with_overrides(spec: TaskSpec, fields: dict[str, Any]) -> TaskSpec:
+    allowed = {f.name for f in dataclasses.fields(TaskSpec)} - {"name", "dit"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"unknown task fields {sorted(unknown)}; accepted: {sorted(allowed)}")
+    return dataclasses.replace(spec, **{k: v if k == "vae_config" else _tuples(v) for k, v in fields.items()})
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists -> the tuples TaskSpec holds (sizes, strides, guide-scale pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+BUNDLED = {"tiny": "assets/tiny"}  # model names that resolve to a release shipped inside the package
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A bundled model name (`tiny`) or a release folder -> the folder."""
+    if str(name_or_path) in BUNDLED:
+        return Path(str(importlib.resources.files("wan_ray") / BUNDLED[str(name_or_path)]))
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"model {str(name_or_path)!r} is neither a bundled model ({sorted(BUNDLED)}) "
+                              "nor an existing checkpoint folder")
+    return path
 
 
 def _open_official(root: Path) -> Checkpoint:

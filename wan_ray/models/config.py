@@ -169,6 +169,29 @@ PRESETS: dict[str, TaskSpec] = {
         sample_shift=5.0,
         guide_scale=5.0,
     ),
+    # The bundled demo model (wan_ray/assets/tiny, docs/tiny-model.md): two experts at toy size, trained on
+    # synthetic videos of one shape moving over a plain background. Its VAE architecture and latent statistics
+    # are in the release's wan_ray.json (they come out of training).
+    "tiny": TaskSpec(
+        name="tiny",
+        dit=DiTConfig(model_type="t2v", in_dim=8, out_dim=8, dim=256, ffn_dim=768, num_heads=4, num_layers=4,
+                      text_dim=64, text_len=32),
+        vae_version="2.1",
+        vae_stride=(4, 8, 8),
+        expert_dirs=_TWO_EXPERTS,
+        boundary=0.875,
+        sizes=((128, 128),),
+        frame_num=17,
+        fps=8,
+        sample_steps=20,
+        sample_shift=3.0,
+        guide_scale=(3.0, 4.0),
+        max_frames=33,
+        text_len=32,
+        negative_prompt="blurry, noisy, static, distorted",
+        text_encoder_file="models_t5_umt5-tiny-enc.pth",
+        tokenizer_dir="tokenizer",
+    ),
 }
 
 

@@ -59,6 +59,19 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
     return None if target is None else target.replace("{i}", m.group(1) if m else "")
 
 
+def umt5_state_dict_to_official(model: UMT5EncoderModel) -> dict[str, torch.Tensor]:
+    """An HF `UMT5EncoderModel`'s weights under the official Wan keys (as in `models_t5_umt5-*.pth`)."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key == _TIED_KEY:
+            continue
+        official = _rename(key, HF_TO_OFFICIAL)
+        if official is None:
+            raise ValueError(f"{key!r} has no official umT5 name")
+        out[official] = tensor
+    return out
+
+
 # --------------------------------------------------------------------------------------- checkpoint sources
 
 

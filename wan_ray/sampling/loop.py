@@ -46,6 +46,11 @@ class DenoiseState:
     def done(self) -> bool:
         return self.step >= self.plan.num_steps
 
+    def to(self, device: torch.device | str) -> DenoiseState:
+        condition = None if self.condition is None else self.condition.to(device)
+        return dataclasses.replace(self, latent=self.latent.to(device), condition=condition,
+                                   solver=_to_device(self.solver, device))
+
     def scheduler(self) -> FlowScheduler:
         plan = self.plan
         scheduler = make_scheduler(plan.solver, plan.num_steps, plan.shift, plan.num_train_timesteps)
@@ -80,14 +85,18 @@ class DenoiseState:
         return cls(plan, payload["latent"].to(device), payload["step"], payload["solver"], condition)
 
 
-def _to_cpu(value):
+def _to_device(value, device):
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        return value.detach().to(device)
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _to_cpu(value):
+    return _to_device(value, "cpu")
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""The in-process Generator end to end on tiny random releases of each task."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from releases import SIZE, write_release
+
+import wan_ray
+from wan_ray.sampling.request import RequestError
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("releases")
+    return {task: write_release(root / task, task) for task in ("t2v", "i2v", "ti2v")}
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "first.png"
+    gradient = np.linspace(0, 255, 96 * 80 * 3).reshape(80, 96, 3).astype(np.uint8)  # 96x80, 6:5
+    Image.fromarray(gradient).save(path)
+    return str(path)
+
+
+def test_t2v_frames_of_the_requested_size_and_count(releases):
+    gen = wan_ray.Generator(releases["t2v"], device="cpu")
+    steps = []
+    video = gen.generate("a red cat runs", frames=5, seed=1, on_step=lambda done, total: steps.append(done))
+    assert video.frames.shape == (5, SIZE, SIZE, 3) and video.frames.dtype == np.uint8
+    assert steps == [1, 2, 3, 4]  # the release's 4 default steps, across both experts
+    assert [s.expert for s in video.plan.segments] == ["high", "low"]
+    assert set(video.timings) == {"text_encode", "denoise_high", "denoise_low", "decode"}
+    again = gen.generate("a red cat runs", frames=5, seed=1)
+    other = gen.generate("a red cat runs", frames=5, seed=2)
+    assert np.array_equal(video.frames, again.frames)
+    assert not np.array_equal(video.frames, other.frames)
+    assert video.frames.std() > 0
+
+
+def test_i2v_takes_its_size_from_the_image(releases, image_file):
+    gen = wan_ray.Generator(releases["i2v"], device="cpu")
+    video = gen.generate("a dog jumps", image=image_file, size="64*64", frames=5, seed=0)
+    # area 64*64 at the image's 6:5 aspect, on the 16-pixel grid (VAE stride 8 x patch 2)
+    assert video.frames.shape == (5, 48, 64, 3)
+    with pytest.raises(RequestError, match="image is required"):
+        gen.generate("a dog jumps")
+
+
+def test_ti2v_with_and_without_an_image(releases, image_file):
+    gen = wan_ray.Generator(releases["ti2v"], device="cpu")
+    t2v = gen.generate("green grass", frames=5, seed=0)
+    assert t2v.frames.shape == (5, SIZE, SIZE, 3)
+    i2v = gen.generate("green grass", image=image_file, frames=5, seed=0)
+    assert i2v.frames.shape[0] == 5 and i2v.frames.shape[1] % 32 == 0 and i2v.frames.shape[2] % 32 == 0
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(prompt="a cat", frames=6), r"4n\+1"),
+    (dict(prompt="a cat", size="128*128"), r"128\*128 is not supported .* accepted: 64\*64"),
+    (dict(prompt="   "), "non-empty"),
+    (dict(prompt="a cat", steps=0), "steps must be >= 1"),
+])
+def test_invalid_requests_raise_before_any_work(releases, fields, match):
+    gen = wan_ray.Generator(releases["t2v"], device="cpu")
+    with pytest.raises(RequestError, match=match):
+        gen.generate(**fields)
+
+
+def test_saved_mp4_decodes_to_the_frames(releases, tmp_path):
+    from wan_ray.io.media import probe_mp4
+
+    gen = wan_ray.Generator(releases["t2v"], device="cpu")
+    video = gen.generate("a blue dog", frames=5, seed=3)
+    info = probe_mp4(video.save(tmp_path / "v.mp4").read_bytes())
+    assert (info["frames"], info["width"], info["height"], info["codec"]) == (5, SIZE, SIZE, "h264")

@@ -1,0 +1,362 @@
+"""Building blocks shared by the Wan VAEs (2.1 and 2.2), and the chunked encode/decode driver.
+
+Both VAEs are causal in time: a video is encoded in chunks of pixel frames [1], [4], [4], ... (one latent
+frame each) and decoded one latent frame at a time (1, then 4 pixel frames each). Every temporal conv sees
+the last two input frames of the previous chunk through a `CausalCache`, so the chunks add up to one causal
+pass. Chunking and cache follow the official `wan/modules/vae2_1.py` / `vae2_2.py` exactly (spec §7.1-7.2).
+
+Module and attribute names (`residual.2`, `resample.1`, `time_conv`, `head.0`, ...) are those of the official
+checkpoints, so `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` load with `strict=True`. This module knows nothing of
+files, devices or the DiT: it maps pixels to normalised latents and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class CausalCache:
+    """What one encode or decode call carries from a chunk to the next.
+
+    `frames` holds, per causal layer, the trailing input frames that layer saw so far; `first_chunk` is
+    True while the first chunk runs (temporal up/downsampling is skipped on it, as in the official code).
+    Made fresh for each call and dropped at its end, so nothing survives between calls.
+    """
+
+    first_chunk: bool = True
+    frames: dict[nn.Module, Tensor] = field(default_factory=dict)
+
+
+def _trailing_frames(past: Tensor | None, x: Tensor, n: int) -> Tensor:
+    """The last `n` frames of the stream `past ++ x`, as a copy (a view would keep the whole chunk alive)."""
+    if past is not None and x.shape[2] < n:
+        return torch.cat([past[:, :, x.shape[2] - n :], x], dim=2)
+    return x[:, :, -n:].clone()
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d that only looks back in time.
+
+    `padding=(pt, ph, pw)` pads height and width symmetrically but time only in front, by 2·pt frames: the
+    cached frames of the previous chunk when there are any, zeros for whatever is missing.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0) -> None:
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        # Spatial zero padding is left to the conv itself: same values as an explicit pad, one copy fewer.
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
+        self.time_pad = 2 * pt
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        if self.time_pad:
+            past = None
+            if cache is not None:
+                past = cache.frames.get(self)
+                cache.frames[self] = _trailing_frames(past, x, self.time_pad)
+            front = [] if past is None else [past]
+            missing = self.time_pad - (0 if past is None else past.shape[2])
+            if missing:
+                front.insert(0, x.new_zeros(x.shape[0], x.shape[1], missing, *x.shape[3:]))
+            x = torch.cat([*front, x], dim=2)  # [B, C, time_pad + T, H, W]
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """The VAE's RMS norm: L2-normalise over channels (dim 1), times sqrt(C) and a per-channel gain."""
+
+    def __init__(self, dim: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        # [C, 1, 1, 1] for [B, C, T, H, W] tensors, [C, 1, 1] for the per-frame [B·T, C, H, W] of attention.
+        self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class Upsample2x(nn.Module):
+    """Nearest-exact ×2 spatial upsampling of [N, C, H, W], computed in float32 as the official code does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+
+
+class Resample(nn.Module):
+    """×2 spatial down/upsampling of each frame, optionally with ×2 temporal down/upsampling.
+
+    downsample: pad right/bottom by one, 3×3 conv with stride 2; the 3-D variant then convolves in time
+    with stride 2 over [last frame of the previous chunk, this chunk]. upsample: the 3-D variant first
+    doubles the frames with a causal conv to 2C channels whose halves become the even and odd frames; then
+    nearest ×2 and a 3×3 conv to `out_dim` channels (2.1 halves the width here, 2.2 keeps it). On the first
+    chunk the temporal part is skipped, so one frame stays one frame.
+    """
+
+    MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
+
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"unknown resample mode {mode!r}; accepted: {self.MODES}")
+        self.mode = mode
+        if mode.startswith("up"):
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, out_dim or dim, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if self.mode == "upsample3d" and not cache.first_chunk:
+            x = self.time_conv(x, cache)  # [B, 2C, T, H, W]
+            b, c2, t, h, w = x.shape
+            # Channel half 0 → frame 2t, half 1 → frame 2t+1.
+            x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        b, t = x.shape[0], x.shape[2]
+        x = x.transpose(1, 2).flatten(0, 1)  # per frame: [B·T, C, H, W]
+        for layer in self.resample:  # rebinding x frees each intermediate as soon as the next exists
+            x = layer(x)
+        x = x.unflatten(0, (b, t)).transpose(1, 2)  # [B, C', T, H', W']
+        if self.mode == "downsample3d":
+            past = cache.frames.get(self)
+            cache.frames[self] = x[:, :, -1:].clone()
+            if past is not None:
+                x = self.time_conv(torch.cat([past, x], dim=2))  # [B, C, T/2, H, W]
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """(RMSNorm, SiLU, causal 3×3×3 conv) twice, plus a 1×1×1 conv shortcut when the width changes."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        norm1, act1, conv1, norm2, act2, dropout, conv2 = self.residual
+        h = conv1(act1(norm1(x)), cache)
+        h = conv2(dropout(act2(norm2(h))), cache)
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the h·w positions of each frame (no attention across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))  # [B·T, C, H, W]
+        qkv = self.to_qkv(y).view(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B·T, 1, HW, 3C]
+        y = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # [B·T, 1, HW, C]
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        # Sum in the official operand order: the result's memory layout (and so later reductions) follows it.
+        return y.view(b, t, c, h, w).transpose(1, 2) + x
+
+
+def res_blocks(in_dim: int, out_dim: int, n: int, dropout: float) -> list[nn.Module]:
+    """`n` residual blocks taking the width from `in_dim` to `out_dim` (the first block changes it)."""
+    return [ResidualBlock(in_dim if j == 0 else out_dim, out_dim, dropout) for j in range(n)]
+
+
+def _middle(dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout)
+    )
+
+
+def _head(dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+
+
+def _run_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+    norm, act, conv = head
+    return conv(act(norm(x)), cache)
+
+
+class Encoder3d(nn.Module):
+    """conv1 → down path → middle (res, attention, res) → head. The down path is built by the VAE version."""
+
+    def __init__(self, in_dim: int, dims: Sequence[int], out_dim: int, downsamples: list[nn.Module],
+                 dropout: float) -> None:
+        super().__init__()
+        self.conv1 = CausalConv3d(in_dim, dims[0], 3, padding=1)
+        self.downsamples = nn.Sequential(*downsamples)
+        self.middle = _middle(dims[-1], dropout)
+        self.head = _head(dims[-1], out_dim)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.downsamples, *self.middle):
+            x = block(x, cache)
+        return _run_head(self.head, x, cache)
+
+
+class Decoder3d(nn.Module):
+    """conv1 → middle (res, attention, res) → up path → head. The up path is built by the VAE version."""
+
+    def __init__(self, in_dim: int, dims: Sequence[int], out_dim: int, upsamples: list[nn.Module],
+                 dropout: float) -> None:
+        super().__init__()
+        self.conv1 = CausalConv3d(in_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0], dropout)
+        self.upsamples = nn.Sequential(*upsamples)
+        self.head = _head(dims[-1], out_dim)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.middle, *self.upsamples):
+            x = block(x, cache)
+        return _run_head(self.head, x, cache)
+
+
+def check_architecture(dim_mult: Sequence[int], temperal_downsample: Sequence[bool],
+                       attn_scales: Sequence[float]) -> None:
+    """Reject configs the chunked causal processing cannot serve.
+
+    The temporal stride must be exactly 4 (chunks of 1, 4, 4, ... frames give one latent frame each).
+    Attention inside the down/up paths (`attn_scales`) is rejected: the official forward cannot run it (its
+    blocks get cache arguments they do not take), no released checkpoint has it, and diffusers' decoder
+    lacks it.
+    """
+    if len(attn_scales):
+        raise ValueError(f"attn_scales must be empty (attention only in the middle blocks), "
+                         f"got {list(attn_scales)}")
+    if len(temperal_downsample) != len(dim_mult) - 1:
+        raise ValueError(f"temperal_downsample needs one flag per downsampling stage ({len(dim_mult) - 1}), "
+                         f"got {list(temperal_downsample)}")
+    if sum(map(bool, temperal_downsample)) != 2:
+        raise ValueError("exactly two stages must downsample time (temporal stride 4, frames 4n+1), got "
+                         f"temperal_downsample={list(temperal_downsample)}")
+
+
+class WanVAE(nn.Module):
+    """The chunked encode/decode shared by both versions; subclasses build `encoder` and `decoder`.
+
+    Holds `encoder`, `conv1` (2z → 2z, gives μ and log σ²), `conv2` (z → z, before the decoder) and
+    `decoder`, in the official order. The latent statistics are plain float tuples, not state: normalisation
+    is computed in float32 on the input's device, whatever the weights' dtype.
+    """
+
+    version: str
+    patch_size: int = 1  # pixels folded into channels before the encoder (2.2: 2)
+
+    def __init__(self, encoder: Encoder3d, decoder: Decoder3d, z_dim: int, num_stages: int,
+                 latents_mean: Sequence[float], latents_std: Sequence[float]) -> None:
+        super().__init__()
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if len(values) != z_dim:
+                raise ValueError(f"{name} needs z_dim={z_dim} values, got {len(values)}")
+        self.z_dim = z_dim
+        self.spatial_stride = 2 ** (num_stages - 1) * self.patch_size
+        self.latents_mean = tuple(float(v) for v in latents_mean)
+        self.latents_std = tuple(float(v) for v in latents_std)
+        self.encoder = encoder
+        self.conv1 = CausalConv3d(2 * z_dim, 2 * z_dim, 1)
+        self.conv2 = CausalConv3d(z_dim, z_dim, 1)
+        self.decoder = decoder
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """(time, height, width) compression: latent frames = (F - 1) / 4 + 1, latent size = H / s, W / s."""
+        return (4, self.spatial_stride, self.spatial_stride)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """Pixels [B, 3, T, H, W] → encoder input (identity here; 2.2 folds 2×2 pixels into channels)."""
+        return x
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """Decoder output → pixels [B, 3, T, H, W]."""
+        return x
+
+    def _stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.latents_std, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode(self, video: Tensor) -> Tensor:
+        """[B, 3, F, H, W] in [-1, 1], F = 4n+1 → normalised posterior mean [B, z, n+1, H/s, W/s], float32."""
+        self._check_video(video)
+        x = video.to(self.conv1.weight.dtype)
+        chunks = [x[:, :, :1], *x[:, :, 1:].split(4, dim=2)]  # [1], [4], [4], ... frames
+        cache = CausalCache()
+        out = None
+        for i, chunk in enumerate(chunks):
+            h = self.encoder(self.pack(chunk), cache)  # [B, 2z, 1, h, w]
+            if out is None:
+                out = h.new_empty(h.shape[0], h.shape[1], len(chunks), *h.shape[3:])
+            out[:, :, i : i + 1] = h
+            cache.first_chunk = False
+        mu = self.conv1(out)[:, : self.z_dim]  # log σ² is not used: encoding is deterministic
+        mean, std = self._stats(mu.device)
+        return (mu.float() - mean) * (1.0 / std)  # the official formula: times the reciprocal std
+
+    def decode(self, latent: Tensor) -> Tensor:
+        """Normalised latent [B, z, T, h, w] → video [B, 3, 4(T-1)+1, h·s, w·s] in [-1, 1] (float32)."""
+        self._check_latent(latent)
+        mean, std = self._stats(latent.device)
+        z = latent.float() / (1.0 / std) + mean
+        x = self.conv2(z.to(self.conv2.weight.dtype))  # [B, z, T, h, w]
+        b, _, t, h, w = x.shape
+        s = self.spatial_stride
+        video = torch.empty(b, 3, 4 * (t - 1) + 1, h * s, w * s, dtype=torch.float32, device=x.device)
+        cache = CausalCache()
+        start = 0
+        for i in range(t):
+            # Only this chunk's frames (1, then 4) and the cache's trailing frames are alive here.
+            frames = self.unpack(self.decoder(x[:, :, i : i + 1], cache))  # [B, 3, 1 or 4, H, W]
+            video[:, :, start : start + frames.shape[2]] = frames.clamp(-1, 1)
+            start += frames.shape[2]
+            cache.first_chunk = False
+        return video
+
+    def _check_video(self, video: Tensor) -> None:
+        name = f"VAE {self.version} encode"
+        if not isinstance(video, Tensor) or video.dim() != 5 or video.shape[1] != 3:
+            shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
+            raise ValueError(f"{name} expects a video tensor [B, 3, F, H, W], got {shape}")
+        if not video.is_floating_point():
+            raise ValueError(f"{name} expects floating-point pixels in [-1, 1], got {video.dtype}")
+        frames, height, width = video.shape[2:]
+        if frames % 4 != 1:
+            raise ValueError(f"{name} needs 4n+1 frames (1, 5, 9, ..., 81, ...), got {frames}")
+        s = self.spatial_stride
+        if height % s or width % s:
+            raise ValueError(f"{name} needs height and width divisible by {s}, got {height}x{width}")
+
+    def _check_latent(self, latent: Tensor) -> None:
+        z = self.z_dim
+        if not isinstance(latent, Tensor) or latent.dim() != 5 or latent.shape[1] != z or 0 in latent.shape:
+            shape = tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__
+            raise ValueError(f"VAE {self.version} decode expects a latent [B, {z}, T, h, w] with T >= 1, "
+                             f"got {shape}")
+
+
+def official_stats_or(given: Sequence[float] | None, official: Sequence[float], z_dim: int,
+                      name: str) -> Sequence[float]:
+    """The official latent table when none is given and z_dim matches it; otherwise one must be given."""
+    if given is not None:
+        return given
+    if z_dim != len(official):
+        raise ValueError(f"z_dim={z_dim} has no built-in {name}; pass {name} with {z_dim} values")
+    return official

@@ -1,0 +1,42 @@
+"""Decoder: the final latent to frames (VAE), then to MP4 and thumbnail bytes. Frames never leave here."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..io.media import encode_mp4, thumbnail
+from ..models.checkpoint import Checkpoint
+from ..sampling.loop import DenoiseState
+from .base import Stage, default_device
+from .records import Item, Video
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8, truncating like the official writer."""
+    pixels = (video.float().clamp(-1, 1) + 1) / 2 * 255
+    return pixels.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
+
+
+class Decoder(Stage):
+    name = "decode"
+
+    def __init__(self, checkpoint: Checkpoint, device: str | None = None, dtype: torch.dtype = torch.float32):
+        device = device or default_device()
+        self.vae = checkpoint.load_vae(device, dtype)
+        self.device = device
+        self.gpus = 1.0 if device.startswith("cuda") else 0.0
+
+    @torch.no_grad()
+    def frames(self, state: DenoiseState) -> np.ndarray:
+        if not state.done:
+            raise RuntimeError(f"the latent is at step {state.step} of {state.plan.num_steps}: not finished")
+        video = self.vae.decode(state.latent.to(self.device, self.vae.conv2.weight.dtype))  # [1, 3, F, H, W]
+        return to_uint8(video[0])
+
+    def process(self, item: Item) -> Item:
+        frames = self.frames(item.state)
+        fps = item.request.fps
+        video = Video(mp4=encode_mp4(frames, fps), thumbnail=thumbnail(frames), num_frames=frames.shape[0],
+                      fps=fps, width=frames.shape[2], height=frames.shape[1], plan=item.state.plan)
+        return item.replace(video=video, state=None, embeds=None, image=None)
