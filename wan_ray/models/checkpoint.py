@@ -106,13 +106,16 @@ def list_keys(path: str | Path) -> list[str]:
 
 def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], *, source: str,
               device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-              keep_fp32: tuple[str, ...] = (), rename: Callable[[str], str] = lambda k: k) -> nn.Module:
+              keep_fp32: tuple[str, ...] = (), rename: Callable[[str], str] = lambda k: k,
+              assign: Callable[[nn.Module, str, torch.Tensor], None] | None = None) -> nn.Module:
     """Assign `tensors` to the parameters of `module` (built on the meta device), strictly.
 
     Floating tensors are converted to `dtype` (or keep their stored dtype when it is None), except names
     containing a `keep_fp32` fragment, which become float32. Raises `CheckpointError` naming `source` on
-    unexpected, missing or misshaped keys.
+    unexpected, missing or misshaped keys. `assign(module, key, tensor)` stores one tensor (default: as a
+    new parameter; a sharded model keeps only its slice).
     """
+    assign = assign or _assign
     expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
     for stored_key, tensor in tensors:
@@ -132,7 +135,7 @@ def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], *,
         if converted.data_ptr() == tensor.data_ptr():
             # still a view of the memory-mapped file: own a copy, so rewriting the file can't reach us
             converted = converted.clone()
-        _assign(module, key, converted)
+        assign(module, key, converted)
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:
