@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -22,13 +23,19 @@ class GangGroups:
     cfg: dist.ProcessGroup | None
 
 
-def init_gang(rank: int, world_size: int, address: str, backend: str | None = None) -> None:
-    """Join the gang's default process group (NCCL on GPUs, gloo otherwise) at tcp://`address`."""
+def init_gang(rank: int, world_size: int, address: str, backend: str | None = None,
+              timeout: timedelta = timedelta(minutes=10)) -> None:
+    """Join the gang's default process group (NCCL on GPUs, gloo otherwise) at tcp://`address`.
+
+    The timeout bounds one collective, not a video: a rank that waits longer than that for a dead peer
+    fails instead of hanging, and the gang is rebuilt.
+    """
     import torch
 
     os.environ.update(NCCL_ENV)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
+                            timeout=timeout)
 
 
 def make_groups(cfg_parallel: bool) -> GangGroups:
