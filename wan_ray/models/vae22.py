@@ -44,14 +44,14 @@ PATCH = 2
 def patchify(x: Tensor) -> Tensor:
     """[B, C, T, H, W] → [B, 4C, T, H/2, W/2]; channel c·4 + 2·(column offset) + (row offset)."""
     b, c, t, h, w = x.shape
-    x = x.view(b, c, t, h // PATCH, PATCH, w // PATCH, PATCH)  # [B, C, T, h, row, w, col]
+    x = x.reshape(b, c, t, h // PATCH, PATCH, w // PATCH, PATCH)  # [B, C, T, h, row, w, col]
     return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * PATCH * PATCH, t, h // PATCH, w // PATCH)
 
 
 def unpatchify(x: Tensor) -> Tensor:
     """Inverse of `patchify`."""
     b, c4, t, h, w = x.shape
-    x = x.view(b, c4 // (PATCH * PATCH), PATCH, PATCH, t, h, w)  # [B, C, col, row, T, h, w]
+    x = x.reshape(b, c4 // (PATCH * PATCH), PATCH, PATCH, t, h, w)  # [B, C, col, row, T, h, w]
     return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c4 // (PATCH * PATCH), t, h * PATCH, w * PATCH)
 
 

@@ -132,6 +132,15 @@ class Resample(nn.Module):
         return x
 
 
+def _apply(layer: nn.Module, x: Tensor, cache: CausalCache) -> Tensor:
+    """One layer of an official nn.Sequential: causal convs get the cache, norms and activations don't.
+
+    Callers loop `x = _apply(layer, x, cache)`, so each activation is freed as soon as the next exists
+    (nesting the calls would keep every intermediate of the chain alive: +1 full tensor at peak).
+    """
+    return layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+
+
 class ResidualBlock(nn.Module):
     """(RMSNorm, SiLU, causal 3×3×3 conv) twice, plus a 1×1×1 conv shortcut when the width changes."""
 
@@ -149,9 +158,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        norm1, act1, conv1, norm2, act2, dropout, conv2 = self.residual
-        h = conv1(act1(norm1(x)), cache)
-        h = conv2(dropout(act2(norm2(h))), cache)
+        h = x
+        for layer in self.residual:
+            h = _apply(layer, h, cache)
         return h + self.shortcut(x)
 
 
@@ -165,6 +174,7 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        # `cache` is unused (nothing here looks across frames); taken so every block has one signature.
         b, c, t, h, w = x.shape
         y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))  # [B·T, C, H, W]
         qkv = self.to_qkv(y).view(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B·T, 1, HW, 3C]
@@ -189,11 +199,6 @@ def _head(dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
-def _run_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
-    norm, act, conv = head
-    return conv(act(norm(x)), cache)
-
-
 class Encoder3d(nn.Module):
     """conv1 → down path → middle (res, attention, res) → head. The down path is built by the VAE version."""
 
@@ -209,7 +214,9 @@ class Encoder3d(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        return _run_head(self.head, x, cache)
+        for layer in self.head:
+            x = _apply(layer, x, cache)
+        return x
 
 
 class Decoder3d(nn.Module):
@@ -227,7 +234,9 @@ class Decoder3d(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        return _run_head(self.head, x, cache)
+        for layer in self.head:
+            x = _apply(layer, x, cache)
+        return x
 
 
 def check_architecture(dim_mult: Sequence[int], temperal_downsample: Sequence[bool],
