@@ -336,3 +336,22 @@ def test_converter_and_config_errors():
         vae_config_from_diffusers({"is_residual": True, "in_channels": 3})
     with pytest.raises(ValueError, match="scale_factor_spatial=8"):
         vae_config_from_diffusers({"scale_factor_spatial": 16})
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_a_single_frame_encodes_to_the_first_latent_frame_of_its_clip(version):
+    """TI2V encodes the conditioning image alone: one frame must give one latent frame, the same one a
+    longer clip starting with that frame gives (the encoder is causal)."""
+    from wan_ray.models.vae import build_vae
+
+    config = dict(dim=8, z_dim=16 if version == "2.1" else 48, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    if version == "2.2":
+        config.update(dec_dim=8, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    torch.manual_seed(0)
+    vae = build_vae(version, **config).eval()
+    clip = torch.rand(1, 3, 5, 64, 64) * 2 - 1
+    with torch.no_grad():
+        alone = vae.encode(clip[:, :, :1])
+        together = vae.encode(clip)
+    assert alone.shape[2] == 1
+    assert torch.allclose(alone, together[:, :, :1], atol=1e-5)

@@ -307,7 +307,7 @@ class WanVAE(nn.Module):
         """[B, 3, F, H, W] in [-1, 1], F = 4n+1 → normalised posterior mean [B, z, n+1, H/s, W/s], float32."""
         self._check_video(video)
         x = video.to(self.conv1.weight.dtype)
-        chunks = [x[:, :, :1], *x[:, :, 1:].split(4, dim=2)]  # [1], [4], [4], ... frames
+        chunks = [x[:, :, :1], *x[:, :, 1:].split(4, dim=2)] if x.shape[2] > 1 else [x]  # [1], [4], ...
         cache = CausalCache()
         out = None
         for i, chunk in enumerate(chunks):
