@@ -31,7 +31,7 @@ class Decoder(Stage):
     def frames(self, state: DenoiseState) -> np.ndarray:
         if not state.done:
             raise RuntimeError(f"the latent is at step {state.step} of {state.plan.num_steps}: not finished")
-        video = self.vae.decode(state.latent.to(self.device, self.vae.conv2.weight.dtype))  # [1, 3, F, H, W]
+        video = self.vae.decode(state.latent.to(self.device))  # [1, 3, F, H, W]; de-normalised in float32
         return to_uint8(video[0])
 
     def process(self, item: Item) -> Item:
