@@ -1,0 +1,125 @@
+"""VAE decode time and peak memory: our WanVAE21/22 against diffusers' AutoencoderKLWan, same weights.
+
+    python benchmarks/bench_vae.py --cases 2.1-720p,2.2-720p --dtypes bfloat16 --out vae.json
+    python benchmarks/bench_vae.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wan_ray.models.vae import build_vae, vae_state_dict_to_diffusers
+
+CASES = {  # name -> (version, latent [C, T, h, w]) for the video sizes of the benchmark
+    "2.1-720p": ("2.1", (16, 21, 90, 160)),  # 1280x720, 81 frames
+    "2.1-480p": ("2.1", (16, 21, 60, 104)),  # 832x480, 81 frames
+    "2.2-720p": ("2.2", (48, 31, 44, 80)),  # 1280x704, 121 frames
+}
+REAL = {"2.1": dict(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2),
+        "2.2": dict(dim=160, dec_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2)}
+TINY = {"2.1": dict(dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+        "2.2": dict(dim=8, dec_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                    latents_mean=[0.0] * 48, latents_std=[1.0] * 48)}
+
+
+def diffusers_twin(ours, version: str, config: dict):
+    from diffusers import AutoencoderKLWan
+
+    kwargs = dict(base_dim=config["dim"], z_dim=config["z_dim"], dim_mult=config["dim_mult"],
+                  num_res_blocks=config["num_res_blocks"], latents_mean=list(ours.latents_mean),
+                  latents_std=list(ours.latents_std))
+    if version == "2.2":
+        kwargs.update(decoder_base_dim=config["dec_dim"], is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, scale_factor_spatial=16)
+    theirs = AutoencoderKLWan(**kwargs)
+    theirs.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)
+    return theirs
+
+
+def decode_theirs(theirs, z):
+    mean = torch.tensor(theirs.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(theirs.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+    return theirs.decode((z * std + mean).to(theirs.dtype)).sample.clamp(-1, 1)
+
+
+def measure(fn, repeat: int, device: str) -> tuple[list[float], float, torch.Tensor]:
+    times, out = [], None
+    for i in range(repeat + 1):
+        out = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return times, peak, out
+
+
+def run_case(case: str, dtype: torch.dtype, args: argparse.Namespace, device: str) -> list[dict]:
+    version, latent = CASES[case]
+    if args.tiny:
+        latent = (latent[0], 3, 8, 8)
+    torch.manual_seed(0)
+    config = (TINY if args.tiny else REAL)[version]
+    ours = build_vae(version, **config).eval()
+    theirs = diffusers_twin(ours, version, config).eval()
+    ours.to(device, dtype)
+    theirs.to(device, dtype)
+    z = torch.randn(1, *latent, device=device)
+    with torch.no_grad():
+        t_theirs, m_theirs, ref = measure(lambda: decode_theirs(theirs, z), args.repeat, device)
+        ref = ref.float().cpu()
+        t_ours, m_ours, out = measure(lambda: ours.decode(z), args.repeat, device)
+        err = ((out.float().cpu() - ref).norm() / ref.norm()).item()
+    name = str(dtype).removeprefix("torch.")
+    rows = [dict(case=case, dtype=name, impl=impl, seconds=statistics.median(t), times=t, peak_gib=m,
+                 frames=out.shape[2], size=list(out.shape[-2:]))
+            for impl, t, m in (("diffusers", t_theirs, m_theirs), ("ours", t_ours, m_ours))]
+    rows[-1].update(time_ratio=rows[-1]["seconds"] / rows[-2]["seconds"],
+                    memory_ratio=(m_ours / m_theirs) if m_theirs else 0.0, rel_l2_vs_diffusers=err)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default="2.1-720p,2.2-720p")
+    parser.add_argument("--dtypes", default="bfloat16")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for case in args.cases.split(","):
+        for dtype_name in args.dtypes.split(","):
+            rows += run_case(case, getattr(torch, dtype_name), args, device)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+    print(f"{'case':9} {'dtype':9} {'impl':9} {'seconds':>8} {'peak GiB':>9} {'t ratio':>7} {'m ratio':>7} "
+          f"{'rel L2':>8}")
+    for r in rows:
+        print(f"{r['case']:9} {r['dtype']:9} {r['impl']:9} {r['seconds']:8.3f} {r['peak_gib']:9.2f} "
+              f"{r.get('time_ratio', 1.0):7.3f} {r.get('memory_ratio', 1.0):7.3f} "
+              f"{r.get('rel_l2_vs_diffusers', 0):8.2e}")
+    if args.out:
+        result = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
