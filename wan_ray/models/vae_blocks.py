@@ -81,10 +81,14 @@ class RMSNorm(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    """Nearest-exact ×2 spatial upsampling of [N, C, H, W], computed in float32 as the official code does."""
+    """Nearest-exact ×2 spatial upsampling of [N, C, H, W].
+
+    The official code upcasts to float32 first; nearest-neighbour only copies values, so the result is the
+    same in the input's dtype, without a 4x-size float32 copy at the decoder's largest resolution.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
 
 
 class Resample(nn.Module):
@@ -229,10 +233,22 @@ class Decoder3d(nn.Module):
         self.middle = _middle(dims[0], dropout)
         self.upsamples = nn.Sequential(*upsamples)
         self.head = _head(dims[-1], out_dim)
+        # Blocks from here on double no frames: they run one frame at a time (see forward).
+        temporal = [i for i, block in enumerate(upsamples)
+                    if any(isinstance(m, Resample) and m.mode == "upsample3d" for m in block.modules())]
+        self.per_frame_from = temporal[-1] + 1 if temporal else 0
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x, cache)
-        for block in (*self.middle, *self.upsamples):
+        for block in (*self.middle, *self.upsamples[: self.per_frame_from]):
+            x = block(x, cache)
+        # After the last temporal upsampling every layer is causal frame by frame, so a chunk's frames can go
+        # through the highest-resolution stages one at a time with the same result (the cache carries the
+        # past frames either way) and a quarter of the activations: the decoder's memory peak.
+        return torch.cat([self._tail(frame, cache) for frame in x.split(1, dim=2)], dim=2)
+
+    def _tail(self, x: Tensor, cache: CausalCache) -> Tensor:
+        for block in self.upsamples[self.per_frame_from:]:
             x = block(x, cache)
         for layer in self.head:
             x = _apply(layer, x, cache)

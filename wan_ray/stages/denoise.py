@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..models.checkpoint import Checkpoint
-from ..models.dit import WanDiT
+from ..models.dit import WanDiT, compile_blocks
 from ..sampling.loop import DenoiseState, run_segment, seeded_noise, start_state
 from ..sampling.plan import plan_request
 from .base import Stage, default_device
@@ -25,7 +25,8 @@ class Denoiser(Stage):
 
     def __init__(self, checkpoint: Checkpoint, expert: str, device: str | None = None,
                  dtype: torch.dtype | None = None, *, model: torch.nn.Module | None = None,
-                 batched_cfg: bool = True, progress: Progress | None = None, gpus: float | None = None):
+                 batched_cfg: bool = True, progress: Progress | None = None, gpus: float | None = None,
+                 compile: bool | None = None):
         self.task = checkpoint.task
         self.expert = expert
         self.name = f"denoise_{expert}"
@@ -33,6 +34,8 @@ class Denoiser(Stage):
         if model is None:
             dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
             model = checkpoint.load_expert(expert, device, dtype)
+            if compile if compile is not None else device.startswith("cuda"):
+                compile_blocks(model)  # compiled on the first call, then reused by every video
         self.model: WanDiT = model
         self.device = device
         self.batched_cfg = batched_cfg
