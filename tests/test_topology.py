@@ -62,3 +62,18 @@ def test_unknown_preset_lists_the_bundled_ones(tmp_path):
     bad.write_text("stages: [unclosed")
     with pytest.raises(TopologyError, match="not valid YAML"):
         load_topology(bad)
+
+
+
+def test_pools_that_cannot_all_start_together_are_errors():
+    from wan_ray.batch.job import stage_names
+
+    # each replica fits two CPUs, but the pools at their minimum size need 2.5 together: the job would stall
+    topology = load_topology({"name": "crowded", "defaults": {"num_cpus": 0.5},
+                              "stages": {"decode": {"num_cpus": 1.0, "replicas": {"min": 1, "max": 4}}}})
+    stages = ["text_encode", "denoise_single", "decode", "write"]
+    topology.check_cluster({"CPU": 3}, stages)
+    with pytest.raises(TopologyError, match=r"minimum replicas need 2.5 CPU together, .* at most 2"):
+        topology.check_cluster({"CPU": 2}, stages)
+    for task in ("t2v-A14B", "i2v-A14B", "ti2v-5B"):  # the local preset fits the 2-core CI machine
+        load_topology("local").check_cluster({"CPU": 2}, stage_names(PRESETS[task]))

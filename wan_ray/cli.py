@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .batch import command as batch_command
+
 
 def _bool(text: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
@@ -90,6 +92,10 @@ def _default_file_name(task: str, size: str, prompt: str) -> str:
 # name, help, arguments, runner
 COMMANDS = [
     ("run", "make one video in this process (flags of the official generate.py)", _run_arguments, run_one),
+    ("generate", "batch job: a Parquet manifest in, videos and a results manifest out, on Ray",
+     batch_command.generate_arguments, batch_command.generate),
+    ("validate", "check a manifest without running anything", batch_command.validate_arguments,
+     batch_command.validate),
 ]
 
 

@@ -119,7 +119,10 @@ class Topology(_Strict):
                                     f"sizes that do: {accepted}")
 
     def check_cluster(self, resources: dict[str, float], stages: list[str]) -> None:
-        """Every replica must fit the cluster at its largest (the total of each resource it can ever have)."""
+        """Every replica must fit the cluster at its largest (the total of each resource it can ever have),
+        and so must every pool at its minimum size at once: pools keep their replicas, so a pool that cannot
+        start would wait forever while the others hold the resources."""
+        total: dict[str, float] = {}
         for name in stages:
             spec = self.stage(name)
             need = {"CPU": spec.num_cpus * spec.gang_size, "GPU": spec.gpus_per_replica, **spec.resources}
@@ -128,6 +131,12 @@ class Topology(_Strict):
                     have = resources.get(resource, 0.0)
                     raise TopologyError(f"{self.name}: one {name} replica needs {amount:g} {resource}, but "
                                         f"the cluster has at most {have:g}")
+                total[resource] = total.get(resource, 0.0) + amount * spec.min_replicas
+        for resource, amount in total.items():
+            if amount > resources.get(resource, 0.0) + 1e-9:
+                raise TopologyError(f"{self.name}: the stages {stages} at their minimum replicas need "
+                                    f"{amount:g} {resource} together, but the cluster has at most "
+                                    f"{resources.get(resource, 0.0):g}")
 
 
 def load_topology(source: str | Path | dict[str, Any] | None) -> Topology:

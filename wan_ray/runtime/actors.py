@@ -1,0 +1,132 @@
+"""Ray actors around the plain stages: one generic actor builds its stage from a recipe and calls it.
+
+A `StageRecipe` is all an actor is given: small and picklable (a checkpoint path, never weights), so Ray
+can restart the actor after a crash. `actor_for` picks the actor class for a topology entry; a gang leader
+(several GPUs per replica) takes the same recipe and the same call interface. `pool_args` turns the
+topology entry into the `map_batches` arguments of the stage's pool. This module knows stages and Ray,
+not manifests or jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from ..models.checkpoint import Checkpoint, open_checkpoint
+from ..stages import Decoder, Denoiser, ImageEncoder, Item, Stage, TextEncoder, Writer
+from ..stages.base import describe
+from .ledger import MAX_WORKER_DEATHS, Ledger, LedgerClient
+from .rows import Batch, from_batch, to_batch
+from .topology import StageSpec, TopologyError
+
+
+def model_identity(checkpoint: Checkpoint) -> dict[str, str]:
+    """What sidecars record as the model, and what a rerun compares to decide that a video is current."""
+    return {"task": checkpoint.task.name, "checkpoint": str(checkpoint.root.resolve()),
+            "layout": checkpoint.layout}
+
+
+@dataclass(frozen=True)
+class StageRecipe:
+    stage: str  # a topology stage name: text_encode, image_encode, denoise_high/low/single, decode, write
+    model: str  # checkpoint folder
+    spec: StageSpec  # the stage's topology entry
+    output: str = ""  # write: where videos go
+    identity: dict[str, str] = field(default_factory=dict)  # write: the model identity for sidecars
+    ledger: str | None = None  # name of the job's ledger actor
+    run_id: str = ""  # prefix for what the actor creates (placement groups): the driver sweeps leftovers
+    test_crash: str | None = None  # test-only fault injection, see `_test_crash`
+
+    def build(self) -> Stage:
+        if self.stage == "write":
+            return Writer(self.output, self.identity)
+        checkpoint = open_checkpoint(self.model)
+        on_gpu = self.spec.num_gpus > 0 and torch.cuda.is_available()
+        device = "cuda" if on_gpu else "cpu"
+        dtype = getattr(torch, self.spec.dtype) if self.spec.dtype else None  # None: the stage's default
+        if self.stage.startswith("denoise_"):
+            stage = Denoiser(checkpoint, self.stage.removeprefix("denoise_"), device, dtype)
+        else:
+            kind = {"text_encode": TextEncoder, "image_encode": ImageEncoder, "decode": Decoder}[self.stage]
+            stage = kind(checkpoint, device, dtype)
+        stage.gpus = self.spec.num_gpus if on_gpu else 0.0  # this replica's share, for GPU-seconds
+        return stage
+
+
+class StageActor:
+    """A Ray Data actor: builds its stage once, then runs it on each batch of rows."""
+
+    def __init__(self, recipe: StageRecipe):
+        self.recipe = recipe
+        try:
+            self.stage = recipe.build()
+        except Exception as err:  # name the stage: Ray reports only "MapWorker(...) died in __init__"
+            raise RuntimeError(f"the {recipe.stage} stage could not start: {describe(err)}") from err
+        self.ledger = LedgerClient(recipe.ledger) if recipe.ledger else None
+
+    def __call__(self, batch: Batch) -> Batch:
+        return call_stage(self.stage, self.recipe, self.ledger, batch)
+
+
+def call_stage(run: Callable[[list[Item]], list[Item]], recipe: StageRecipe,
+               ledger: Ledger | LedgerClient | None, batch: Batch) -> Batch:
+    """One call of a stage on a batch of rows, with the ledger told what is in flight (any actor class)."""
+    items, name = from_batch(batch), recipe.stage
+    if ledger is None:
+        return to_batch(run(items))
+    keys = [item.key for item in items]
+    deaths = ledger.begin(name, keys)
+    if not any(deaths):
+        _test_crash(recipe, items, deaths)
+        out = run(items)
+        ledger.end(name, keys)
+        return to_batch(out)
+    # A worker died on this batch before: go row by row, so that only the row that kills workers fails.
+    ledger.end(name, keys, done=False)
+    out = []
+    for item in items:
+        (died,) = ledger.begin(name, [item.key])
+        if died >= MAX_WORKER_DEATHS:
+            out.append(item.failed(name, f"the {name} worker process died {died} times on this row"))
+        else:
+            _test_crash(recipe, [item], [died])
+            out += run([item])
+        ledger.end(name, [item.key])
+    return to_batch(out)
+
+
+def _test_crash(recipe: StageRecipe, items: list[Item], deaths: list[int]) -> None:
+    """Test-only: `WAN_RAY_TEST_CRASH="<stage>:<row id>[:always]"` in the driver's environment makes that
+    stage's worker process exit abruptly on that row, on the row's first attempt (or on every attempt)."""
+    if not recipe.test_crash:
+        return
+    stage, _, row = recipe.test_crash.partition(":")
+    always, row = row.endswith(":always"), row.removesuffix(":always")
+    hit = any(item.id == row and (always or died == 0) for item, died in zip(items, deaths, strict=True))
+    if stage == recipe.stage and hit:
+        os._exit(1)
+
+
+def actor_for(stage: str, spec: StageSpec) -> type:
+    """The Ray Data actor class for a stage's topology entry."""
+    if spec.gang_size > 1:
+        raise TopologyError(f"{stage}: gang_size {spec.gang_size} asks for a gang of GPUs per replica, and "
+                            "gangs are not available yet; use gang_size 1")
+    return StageActor
+
+
+def pool_args(spec: StageSpec) -> dict[str, Any]:
+    """`map_batches` arguments for a stage's actor pool, from its topology entry."""
+    compute = ray.data.ActorPoolStrategy(min_size=spec.min_replicas, max_size=spec.max_replicas)
+    args = dict(compute=compute, batch_size=spec.batch_size, batch_format="numpy", num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus)
+    if spec.accelerator_type:
+        args["accelerator_type"] = spec.accelerator_type
+    if spec.resources:
+        args["resources"] = dict(spec.resources)
+    return args
