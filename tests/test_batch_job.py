@@ -21,7 +21,6 @@ from wan_ray.batch.job import JobConfig, run_job
 from wan_ray.cli import main
 from wan_ray.io import storage
 from wan_ray.io.media import decode_mp4, encode_mp4, probe_mp4
-from wan_ray.runtime.topology import TopologyError
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +71,13 @@ def assert_nothing_left(before):
             return
         time.sleep(0.2)
     raise AssertionError(f"left behind: actors {actors - before[0]}, placement groups {groups - before[1]}")
+
+
+def gang_ranks() -> int:
+    """How many gang rank actors this Ray has ever started."""
+    import ray
+
+    return sum(a["ActorClassName"] == "GangRank" for a in ray._private.state.actors().values())
 
 
 def restarted_workers() -> int:
@@ -226,10 +232,28 @@ def test_rerun_skips_finished_rows_and_redoes_changed_ones(local_job):
     assert json.loads(storage.read_bytes(table[2]["sidecar_uri"]))["request"]["steps"] == 3
 
 
-def test_gangs_fail_at_job_start(ray_session, releases, tmp_path):
+def test_gangs_make_the_same_videos_and_survive_a_dead_rank(ray_session, releases, tmp_path, monkeypatch):
+    """Both experts on gangs of 2 (Ulysses over gloo, fake GPUs): the videos equal those of gang size 1, a
+    rank killed on its first batch only costs a rebuild, and no placement group or rank is left."""
     manifest = tmp_path / "m.parquet"
-    manifest.write_bytes(parquet([{"prompt": "a cat"}]))
-    topology = {"name": "gang", "stages": {"denoise_high": {"gang_size": 2, "num_gpus": 1}}}
-    with pytest.raises(TopologyError, match="gangs are not available yet"):
-        run_job(JobConfig(str(manifest), str(tmp_path / "out"), releases["t2v"], topology))
-    assert not (tmp_path / "out").exists()
+    rows = [{"id": "g1", "prompt": "a red cat runs", "frames": 5, "seed": 1},
+            {"id": "g2", "prompt": "a blue dog jumps", "frames": 5, "seed": 2}]
+    manifest.write_bytes(parquet(rows))
+    single = run_job(JobConfig(str(manifest), str(tmp_path / "single"), releases["t2v"], "local"))
+    assert single.counts == {"ok": 2}
+
+    gang = {"gang_size": 2, "num_gpus": 1, "num_cpus": 0.2}
+    topology = {"name": "gangs", "defaults": {"num_cpus": 0.1},
+                "stages": {"text_encode": {"num_cpus": 0.2}, "denoise_high": gang, "denoise_low": gang,
+                           "decode": {"num_cpus": 0.3}}}
+    monkeypatch.setenv("WAN_RAY_TEST_CRASH", "denoise_low:rank1")
+    before, ranks_before = snapshot(), gang_ranks()
+    summary = run_job(JobConfig(str(manifest), str(tmp_path / "gang"), releases["t2v"], topology))
+    assert summary.counts == {"ok": 2}
+    assert gang_ranks() - ranks_before == 2 + 2 + 2  # two gangs of two, and the low gang once more
+    assert_nothing_left(before)
+    for row in rows:
+        a, _ = decode_mp4((tmp_path / "single" / f"{row['id']}.mp4").read_bytes())
+        b, _ = decode_mp4((tmp_path / "gang" / f"{row['id']}.mp4").read_bytes())
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # float32 rounding, then H.264

@@ -14,10 +14,10 @@ from wan_ray.batch.report import Summary, report_html, summary_text
 from wan_ray.batch.results import results_table
 from wan_ray.cli import main
 from wan_ray.models.config import PRESETS
-from wan_ray.runtime.actors import StageActor, StageRecipe, actor_for, call_stage
+from wan_ray.runtime.actors import GangActor, StageActor, StageRecipe, actor_for, call_stage, pool_args
 from wan_ray.runtime.ledger import Ledger
 from wan_ray.runtime.rows import from_batch, to_batch
-from wan_ray.runtime.topology import StageSpec, TopologyError
+from wan_ray.runtime.topology import StageSpec
 from wan_ray.stages.records import Result
 
 T2V = PRESETS["t2v-A14B"]
@@ -210,10 +210,11 @@ def torch_equal(a, b):
     return a.shape == b.shape and bool((a == b).all())
 
 
-def test_gangs_are_refused_until_they_exist():
+def test_gang_stages_get_a_gang_leader():
     assert actor_for("denoise_high", StageSpec()) is StageActor
-    with pytest.raises(TopologyError, match=r"denoise_low: gang_size 2 .* gangs are not available yet"):
-        actor_for("denoise_low", StageSpec(gang_size=2))
+    assert actor_for("denoise_low", StageSpec(gang_size=2)) is GangActor
+    leader = pool_args(StageSpec(gang_size=2, num_gpus=1, num_cpus=4))
+    assert leader["num_gpus"] == 0 and leader["num_cpus"] < 1  # the ranks' bundles hold the resources
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import ray
 from ..models.checkpoint import open_checkpoint
 from ..models.config import TaskSpec
 from ..runtime.actors import StageRecipe, actor_for, model_identity, pool_args
+from ..runtime.gang import sweep_gangs
 from ..runtime.ledger import start_ledger
 from ..runtime.rows import from_batch, to_rows
 from ..runtime.topology import Topology, TopologyError, load_topology
@@ -130,7 +131,7 @@ def run_stages(items: list[Item], recipes: list[StageRecipe], progress_every: fl
         with contextlib.suppress(Exception):
             lost = ray.get(ledger.in_flight.remote(), timeout=30)
         ray.kill(ledger)
-        sweep(run_id)
+        sweep_gangs(run_id)  # placement groups of gang leaders that crashed (no destructor ran)
     for item in items:
         if item.key not in out:
             out[item.key] = item.failed(lost.get(item.key, "pipeline"), reason)
@@ -165,14 +166,6 @@ def data_context() -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(ctx, name, value)
-
-
-def sweep(run_id: str) -> None:
-    """Remove placement groups this run left behind (a crashed actor runs no destructor)."""
-    for info in ray.util.placement_group_table().values():
-        if info.get("name", "").startswith(run_id) and info.get("state") != "REMOVED":
-            with contextlib.suppress(Exception):
-                ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
 
 
 def root_cause(err: BaseException) -> str:

@@ -20,6 +20,7 @@ import torch
 from ..models.checkpoint import Checkpoint, open_checkpoint
 from ..stages import Decoder, Denoiser, ImageEncoder, Item, Stage, TextEncoder, Writer
 from ..stages.base import describe
+from .gang import Gang, GangSpec
 from .ledger import MAX_WORKER_DEATHS, Ledger, LedgerClient
 from .rows import Batch, from_batch, to_batch
 from .topology import StageSpec, TopologyError
@@ -112,17 +113,52 @@ def _test_crash(recipe: StageRecipe, items: list[Item], deaths: list[int]) -> No
         os._exit(1)
 
 
+class GangActor:
+    """A Ray Data actor leading a gang: it holds no GPU itself; its ranks, in a placement group it owns,
+    hold the gang's GPUs (`wan_ray.runtime.gang`)."""
+
+    def __init__(self, recipe: StageRecipe):
+        spec = recipe.spec
+        resources = dict(spec.resources)
+        if spec.accelerator_type:  # the same trick as Ray's accelerator_type: a sliver of the node's label
+            resources[f"accelerator_type:{spec.accelerator_type}"] = 0.001
+        self.recipe = recipe
+        self.gang = Gang(GangSpec(
+            model=recipe.model, expert=recipe.stage.removeprefix("denoise_"), size=spec.gang_size,
+            cfg_parallel=spec.cfg_parallel, shard_weights=spec.shard_weights, dtype=spec.dtype,
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=resources,
+            name_prefix=f"{recipe.run_id or 'wan-ray'}-gang", test_kill_rank=_test_kill_rank(recipe)))
+        self.ledger = LedgerClient(recipe.ledger) if recipe.ledger else None
+
+    def __call__(self, batch: Batch) -> Batch:
+        return call_stage(self.gang, self.recipe, self.ledger, batch)
+
+    def __del__(self) -> None:
+        if hasattr(self, "gang"):
+            self.gang.close()
+
+
+def _test_kill_rank(recipe: StageRecipe) -> int | None:
+    """Test-only: `WAN_RAY_TEST_CRASH="<stage>:rank<N>"` makes rank N of that stage's gang exit on its
+    first batch (the gang is rebuilt and the batch retried)."""
+    stage, _, target = (recipe.test_crash or "").partition(":")
+    return int(target.removeprefix("rank")) if stage == recipe.stage and target.startswith("rank") else None
+
+
 def actor_for(stage: str, spec: StageSpec) -> type:
     """The Ray Data actor class for a stage's topology entry."""
-    if spec.gang_size > 1:
-        raise TopologyError(f"{stage}: gang_size {spec.gang_size} asks for a gang of GPUs per replica, and "
-                            "gangs are not available yet; use gang_size 1")
-    return StageActor
+    if spec.gang_size > 1 and not stage.startswith("denoise_"):
+        raise TopologyError(f"{stage}: only denoise stages run as gangs")
+    return GangActor if spec.gang_size > 1 else StageActor
 
 
 def pool_args(spec: StageSpec) -> dict[str, Any]:
-    """`map_batches` arguments for a stage's actor pool, from its topology entry."""
+    """`map_batches` arguments for a stage's actor pool, from its topology entry. A gang leader asks for
+    almost nothing: its ranks' bundles carry the CPUs, GPUs and resources."""
     compute = ray.data.ActorPoolStrategy(min_size=spec.min_replicas, max_size=spec.max_replicas)
+    if spec.gang_size > 1:
+        return dict(compute=compute, batch_size=spec.batch_size, batch_format="numpy", num_cpus=0.05,
+                    num_gpus=0)
     args = dict(compute=compute, batch_size=spec.batch_size, batch_format="numpy", num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus)
     if spec.accelerator_type:

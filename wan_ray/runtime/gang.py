@@ -12,6 +12,7 @@ removes what a crashed leader left behind, by name.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -48,14 +49,15 @@ class GangSpec:
     resources: dict[str, float] = field(default_factory=dict)  # per rank
     name_prefix: str = "wan-ray-gang"
     ready_timeout_s: float = 1800.0
+    test_kill_rank: int | None = None  # test-only: this rank of the first build exits on its first batch
 
 
 @ray.remote
 class GangRank:
     """One rank of a gang: a `Denoiser` stage whose model is parallelised over the gang."""
 
-    def __init__(self, spec: GangSpec, rank: int):
-        self.spec, self.rank = spec, rank
+    def __init__(self, spec: GangSpec, rank: int, generation: int = 0):
+        self.spec, self.rank, self.generation = spec, rank, generation
         self.stage = None
 
     def free_address(self) -> str:
@@ -82,6 +84,8 @@ class GangRank:
         self.stage = Denoiser(checkpoint, spec.expert, device, model=model, gpus=gpus)
 
     def process(self, items: list[Item]) -> list[Item]:
+        if self.spec.test_kill_rank == self.rank and self.generation == 0:
+            os._exit(1)  # test-only fault injection: a rank dying mid-job, once
         return self.stage(items)
 
 
@@ -95,6 +99,7 @@ class Gang:
         self.name = f"{spec.name_prefix}-{spec.expert}-{uuid.uuid4().hex[:8]}"
         self.pg: PlacementGroup | None = None
         self.ranks: list = []
+        self.generation = 0  # how many times the gang was rebuilt
         self._start()
 
     @property
@@ -115,7 +120,7 @@ class Gang:
                 num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=spec.resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": NCCL_ENV},
-            ).remote(spec, i)
+            ).remote(spec, i, self.generation)
             for i in range(spec.size)
         ]
         address = ray.get(self.ranks[0].free_address.remote())
@@ -131,6 +136,7 @@ class Gang:
                     return [item.failed(self.stage_name, reason) if item.live else item for item in items]
                 log.warning("a rank of %s died (%s); rebuilding the gang", self.name, type(err).__name__)
                 self.close()
+                self.generation += 1
                 self._start()
         raise AssertionError("unreachable")
 
