@@ -203,3 +203,12 @@ def test_sizes_ids_and_seconds():
     assert frames_for_seconds(5, 16, 121) == 81
     assert frames_for_seconds(100, 16, 121) == 121
     assert frames_for_seconds(0, 16, 121) == 1
+
+
+def test_derived_ids_differ_when_any_setting_differs():
+    task = PRESETS["t2v-A14B"]
+    base = make_request(task, prompt="a cat")
+    assert base.id == make_request(task, prompt="a cat").id
+    for change in (dict(steps=30), dict(shift=5.0), dict(guide_scale=2.0), dict(solver="dpm++"), dict(seed=4),
+                   dict(size="832*480"), dict(frames=41), dict(negative_prompt="blurry")):
+        assert make_request(task, prompt="a cat", **change).id != base.id, change

@@ -170,7 +170,8 @@ def make_request(task: TaskSpec, *, prompt: Any, id: Any = None, negative_prompt
 
     negative = negative_prompt if negative_prompt and negative_prompt.strip() else task.negative_prompt
     if id is None or (isinstance(id, str) and not id.strip()):
-        id = content_id(task.name, prompt, negative_prompt, size, frames, seed, image)
+        id = content_id(task.name, prompt, negative, width, height, frames, fps, steps, shift, guide, solver,
+                        seed, image)
     elif not isinstance(id, (str, int)) or isinstance(id, bool):
         raise RequestError(f"id must be a string, got {type(id).__name__}")
     if seed is None or seed == -1:
