@@ -18,11 +18,13 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ftfy
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds, and Ray workers that never
+    # touch the text encoder (denoise, decode, write) should not pay for it at start-up
+    from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 DEFAULT_WEIGHTS_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 DEFAULT_TOKENIZER_DIR = "google/umt5-xxl"
@@ -122,6 +124,8 @@ def _open_checkpoint(source: Mapping[str, torch.Tensor] | str | Path) -> tuple[M
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in the HF-layout folder {path}")
+        from transformers import UMT5Config
+
         return _SafetensorsTensors(files), UMT5Config.from_pretrained(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"umT5 checkpoint not found: {path} (expected a .pth/.safetensors file or an "
@@ -167,6 +171,8 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], shown: Callable[[str], str
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.block\.(\d+)\.", k)))
     if d_model % heads:
         raise ValueError(f"d_model {d_model} is not divisible by the relative bias table's {heads} heads")
+    from transformers import UMT5Config
+
     return UMT5Config(
         vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=layers,
         num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
@@ -199,8 +205,12 @@ def load_umt5_encoder(
     if config is None:
         config = folder_config or _infer_config(hf_shapes, shown)
     elif isinstance(config, Mapping):
+        from transformers import UMT5Config
+
         config = UMT5Config(**config)
     with torch.device("meta"):  # no storage: weights are assigned below
+        from transformers import UMT5EncoderModel
+
         model = UMT5EncoderModel(config)
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != _TIED_KEY}
@@ -237,6 +247,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {path} (expected a local folder with "
                                 "tokenizer.json / tokenizer_config.json, e.g. <checkpoint>/google/umt5-xxl)")
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer in {path} has no pad token; prompts are padded to a fixed length")
@@ -270,6 +282,8 @@ def build_word_tokenizer(words: list[str], out_dir: str | Path) -> Path:
 
 def clean_prompt(text: str) -> str:
     """The official "whitespace" cleaning: ftfy repair, HTML-unescape twice, collapse whitespace, strip."""
+    import ftfy
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     # ftfy has removed the ASCII separators \x1c-\x1f, the only characters on which `re`'s \s differs
     # from the `regex` package's \s that the official code uses.
