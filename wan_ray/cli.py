@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from .batch import command as batch_command
+from .serve import cli as serve_command
 
 
 def _bool(text: str) -> bool:
@@ -96,6 +97,8 @@ COMMANDS = [
      batch_command.generate_arguments, batch_command.generate),
     ("validate", "check a manifest without running anything", batch_command.validate_arguments,
      batch_command.validate),
+    ("serve", "the online endpoint: a Ray Serve app speaking the OpenAI Videos API",
+     serve_command.add_arguments, serve_command.serve_main),
 ]
 
 
