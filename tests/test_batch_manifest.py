@@ -14,7 +14,7 @@ from wan_ray.batch.report import Summary, report_html, summary_text
 from wan_ray.batch.results import results_table
 from wan_ray.cli import main
 from wan_ray.models.config import PRESETS
-from wan_ray.runtime.actors import GangActor, StageActor, StageRecipe, actor_for, call_stage, pool_args
+from wan_ray.runtime.actors import StageActor, StageRecipe, actor_for, call_stage, pool_args
 from wan_ray.runtime.ledger import Ledger
 from wan_ray.runtime.rows import from_batch, to_batch
 from wan_ray.runtime.topology import StageSpec
@@ -212,7 +212,7 @@ def torch_equal(a, b):
 
 def test_gang_stages_get_a_gang_leader():
     assert actor_for("denoise_high", StageSpec()) is StageActor
-    assert actor_for("denoise_low", StageSpec(gang_size=2)) is GangActor
+    assert actor_for("denoise_low", StageSpec(gang_size=2)) is StageActor  # builds a Gang
     leader = pool_args(StageSpec(gang_size=2, num_gpus=1, num_cpus=4))
     assert leader["num_gpus"] == 0 and leader["num_cpus"] < 1  # the ranks' bundles hold the resources
 

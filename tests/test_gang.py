@@ -74,3 +74,33 @@ def test_sweep_removes_groups_a_dead_leader_left(ray_session):
     ray_session.get(leaked.ready())
     assert sweep_gangs() == 1
     assert live_gang_groups() == []
+
+
+def test_a_serve_replica_runs_its_gang_in_its_own_placement_group(ray_session, release, tmp_path):
+    """The endpoint's denoise deployment with gang_size 2: one placement group per replica (bundle 0 holds
+    the replica and rank 0), and the same latent as one process."""
+    from ray import serve
+
+    from wan_ray.runtime.actors import StageRecipe
+    from wan_ray.runtime.topology import load_topology
+    from wan_ray.serve.app import parse_args, stage_options
+    from wan_ray.serve.stages import StageServer
+
+    checkpoint = open_checkpoint(release)
+    items = encoded_items(checkpoint, ["a green cat"])
+    reference = Denoiser(checkpoint, "high", "cpu")(items)
+    spec = load_topology({"stages": {"denoise_high": {"gang_size": 2, "num_gpus": 1, "num_cpus": 0.25}}}
+                         ).stage("denoise_high")
+    options = stage_options("denoise_high", spec, parse_args({"storage": str(tmp_path)}))
+    app = serve.deployment(StageServer).options(**options).bind(
+        [StageRecipe(stage="denoise_high", model=str(release), spec=spec)])
+    handle = serve.run(app, name="gang", route_prefix=None)
+    try:
+        events = list(handle.run.options(stream=True).remote(items[0]))
+    finally:
+        serve.delete("gang")
+        serve.shutdown()
+    (kind, item) = events[-1]
+    assert kind == "item" and item.status == "ok", item.error
+    assert torch.allclose(item.state.latent, reference[0].state.latent, rtol=1e-5, atol=1e-6)
+    assert live_gang_groups() == []

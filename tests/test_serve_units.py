@@ -420,9 +420,13 @@ def test_deployment_options_come_from_the_topology_and_the_config():
     assert high["graceful_shutdown_timeout_s"] > settings.video_timeout_s
     low = stage_options("denoise_low", topology.stage("denoise_low"), settings)
     assert low["num_replicas"] == 2 and "autoscaling_config" not in low
-    gang = load_topology({"stages": {"denoise_high": {"gang_size": 2, "num_gpus": 1}}})
-    with pytest.raises(ServeConfigError, match="gang_size 2"):
-        stage_options("denoise_high", gang.stage("denoise_high"), settings)
+    gang = load_topology({"stages": {"denoise_high": {"gang_size": 2, "num_gpus": 1, "num_cpus": 2,
+                                                      "accelerator_type": "H100"}}})
+    options = stage_options("denoise_high", gang.stage("denoise_high"), settings)
+    rank = {"CPU": 2.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
+    assert options["placement_group_bundles"] == [{**rank, "CPU": 2.05}, rank]  # the leader rides in bundle 0
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 0.05, "num_gpus": 0}
 
 
 def test_build_app_wires_the_stages_of_the_model(tmp_path, monkeypatch):

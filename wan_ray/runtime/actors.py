@@ -43,9 +43,13 @@ class StageRecipe:
     run_id: str = ""  # prefix for what the actor creates (placement groups): the driver sweeps leftovers
     test_crash: str | None = None  # test-only fault injection, see `_test_crash`
 
-    def build(self) -> Stage:
+    def build(self) -> Stage | Gang:
+        """The stage, or for a denoise stage with gang_size > 1 a `Gang` (called the same way), which uses
+        the caller's placement group if it runs in one (a Serve replica's bundles) or reserves its own."""
         if self.stage == "write":
             return Writer(self.output, self.identity)
+        if self.spec.gang_size > 1:
+            return Gang(gang_spec(self), placement=ray.util.get_current_placement_group())
         checkpoint = open_checkpoint(self.model)
         on_gpu = self.spec.num_gpus > 0 and torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
@@ -72,6 +76,10 @@ class StageActor:
 
     def __call__(self, batch: Batch) -> Batch:
         return call_stage(self.stage, self.recipe, self.ledger, batch)
+
+    def __del__(self) -> None:
+        if isinstance(getattr(self, "stage", None), Gang):
+            self.stage.close()  # its ranks and placement group (a crash is covered by the driver's sweep)
 
 
 def call_stage(run: Callable[[list[Item]], list[Item]], recipe: StageRecipe,
@@ -113,29 +121,15 @@ def _test_crash(recipe: StageRecipe, items: list[Item], deaths: list[int]) -> No
         os._exit(1)
 
 
-class GangActor:
-    """A Ray Data actor leading a gang: it holds no GPU itself; its ranks, in a placement group it owns,
-    hold the gang's GPUs (`wan_ray.runtime.gang`)."""
-
-    def __init__(self, recipe: StageRecipe):
-        spec = recipe.spec
-        resources = dict(spec.resources)
-        if spec.accelerator_type:  # the same trick as Ray's accelerator_type: a sliver of the node's label
-            resources[f"accelerator_type:{spec.accelerator_type}"] = 0.001
-        self.recipe = recipe
-        self.gang = Gang(GangSpec(
-            model=recipe.model, expert=recipe.stage.removeprefix("denoise_"), size=spec.gang_size,
-            cfg_parallel=spec.cfg_parallel, shard_weights=spec.shard_weights, dtype=spec.dtype,
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=resources,
-            name_prefix=f"{recipe.run_id or 'wan-ray'}-gang", test_kill_rank=_test_kill_rank(recipe)))
-        self.ledger = LedgerClient(recipe.ledger) if recipe.ledger else None
-
-    def __call__(self, batch: Batch) -> Batch:
-        return call_stage(self.gang, self.recipe, self.ledger, batch)
-
-    def __del__(self) -> None:
-        if hasattr(self, "gang"):
-            self.gang.close()
+def gang_spec(recipe: StageRecipe) -> GangSpec:
+    spec = recipe.spec
+    resources = dict(spec.resources)
+    if spec.accelerator_type:  # the same trick as Ray's accelerator_type: a sliver of the node's label
+        resources[f"accelerator_type:{spec.accelerator_type}"] = 0.001
+    return GangSpec(model=recipe.model, expert=recipe.stage.removeprefix("denoise_"), size=spec.gang_size,
+                    cfg_parallel=spec.cfg_parallel, shard_weights=spec.shard_weights, dtype=spec.dtype,
+                    num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=resources,
+                    name_prefix=f"{recipe.run_id or 'wan-ray'}-gang", test_kill_rank=_test_kill_rank(recipe))
 
 
 def _test_kill_rank(recipe: StageRecipe) -> int | None:
@@ -146,10 +140,10 @@ def _test_kill_rank(recipe: StageRecipe) -> int | None:
 
 
 def actor_for(stage: str, spec: StageSpec) -> type:
-    """The Ray Data actor class for a stage's topology entry."""
+    """The Ray Data actor class for a stage's topology entry (a gang's leader is the same actor)."""
     if spec.gang_size > 1 and not stage.startswith("denoise_"):
         raise TopologyError(f"{stage}: only denoise stages run as gangs")
-    return GangActor if spec.gang_size > 1 else StageActor
+    return StageActor
 
 
 def pool_args(spec: StageSpec) -> dict[str, Any]:

@@ -196,20 +196,31 @@ def stage_recipes(name: str, model: str, topology: Topology, store: RecordStore,
     return recipes
 
 
+GANG_LEADER_CPUS = 0.05  # a gang's replica only hands videos to its ranks
+
+
 def stage_options(name: str, spec: StageSpec, settings: ServeArgs) -> dict[str, Any]:
     """A stage deployment's Serve options: resources and replicas from the topology, then overrides."""
-    if spec.gang_size > 1:
-        raise ServeConfigError(f"{name}: gang_size {spec.gang_size} asks for a gang of GPUs per replica, "
-                               "which the endpoint does not run yet; use gang_size 1 (more replicas)")
-    actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
-    if spec.accelerator_type:
-        actor["accelerator_type"] = spec.accelerator_type
-    if spec.resources:
-        actor["resources"] = dict(spec.resources)
     overrides = settings.options(name)
-    options: dict[str, Any] = {"name": name, "ray_actor_options": actor,
-                               "max_ongoing_requests": ONGOING.get(name, 1),
+    options: dict[str, Any] = {"name": name, "max_ongoing_requests": ONGOING.get(name, 1),
                                "graceful_shutdown_timeout_s": _grace(name, settings)}
+    if spec.gang_size > 1:  # a gang: one bundle per rank; the replica, its leader, sits in bundle 0 too
+        rank = {"CPU": spec.num_cpus, "GPU": spec.num_gpus, **spec.resources}
+        if spec.accelerator_type:
+            rank[f"accelerator_type:{spec.accelerator_type}"] = 0.001
+        rank = {k: v for k, v in rank.items() if v}
+        leader = {"CPU": GANG_LEADER_CPUS}
+        first = {k: rank.get(k, 0) + leader.get(k, 0) for k in {*rank, *leader}}
+        options.update(ray_actor_options={"num_cpus": GANG_LEADER_CPUS, "num_gpus": 0},
+                       placement_group_bundles=[first] + [rank] * (spec.gang_size - 1),
+                       placement_group_strategy="STRICT_PACK")
+    else:
+        actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+        if spec.accelerator_type:
+            actor["accelerator_type"] = spec.accelerator_type
+        if spec.resources:
+            actor["resources"] = dict(spec.resources)
+        options["ray_actor_options"] = actor
     if overrides.autoscaling_config is None and isinstance(spec.replicas, int):
         options["num_replicas"] = spec.replicas
     else:  # a replica works on one video at a time: more than one ongoing means videos wait

@@ -8,9 +8,9 @@ was deleted, or timed out), the next denoising step raises `VideoCancelled`, whi
 into a failed item nobody waits for, and the replica is free again.
 
 The decode deployment runs two stages, `Decoder` then `Writer`: the video's bytes go to storage from the
-replica that made them and never travel back. A denoise stage whose topology asks for a gang would build a
-gang leader here with the replica's own placement group (`placement_group_bundles`); until that lands,
-the application builder refuses gang sizes above 1.
+replica that made them and never travel back. A denoise stage whose topology asks for a gang builds a
+`Gang` over the replica's own placement group (`placement_group_bundles`, one bundle per rank); a gang
+reports progress and notices cancellation between segments rather than at every step.
 """
 
 from __future__ import annotations
