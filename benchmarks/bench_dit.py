@@ -129,6 +129,8 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
                          tflops=total / base / 1e12))
         for backend in args.attn.split(","):
             set_attention_backend(ours, backend)
+            if args.skip_eager:
+                continue
             err = ((ours(x, t, ctx, y=y) - ref).norm() / ref.norm()).item()
             times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
             median = statistics.median(times)
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="480p,720p,ti2v")
     parser.add_argument("--attn", default="sdpa,cudnn", help="our attention backends to time")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-eager", action="store_true", help="time only the compiled variant of ours")
     parser.add_argument("--compile", default="", help="shapes where the last backend is also timed with "
                         "each block compiled (torch.compile fuses the float32 elementwise work)")
     parser.add_argument("--tiny", action="store_true", help="small model and shapes, for a CPU smoke run")
