@@ -56,7 +56,7 @@ def test_replicas_that_cannot_fit_the_cluster_are_errors():
 
 
 def test_unknown_preset_lists_the_bundled_ones(tmp_path):
-    with pytest.raises(TopologyError, match=r"\['1gpu', '8xh100', 'local'\]"):
+    with pytest.raises(TopologyError, match=r"\['1gpu', '8xh100', .*'local'\]"):
         load_topology("nope")
     bad = tmp_path / "t.yaml"
     bad.write_text("stages: [unclosed")

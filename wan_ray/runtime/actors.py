@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import ray
 import torch
+from ray.util.placement_group import placement_group_table
 
 from ..models.checkpoint import Checkpoint, open_checkpoint
 from ..stages import Decoder, Denoiser, ImageEncoder, Item, Stage, TextEncoder, Writer
@@ -75,11 +77,36 @@ class StageActor:
         self.ledger = LedgerClient(recipe.ledger) if recipe.ledger else None
 
     def __call__(self, batch: Batch) -> Batch:
-        return call_stage(self.stage, self.recipe, self.ledger, batch)
+        return call_stage(self.run, self.recipe, self.ledger, batch)
+
+    def run(self, items: list[Item]) -> list[Item]:
+        """The stage on `items`, each live one stamped first with where the work runs (so the writer's own
+        stamp reaches the sidecar). A gang's work runs on its ranks' node, not necessarily the leader's."""
+        if isinstance(self.stage, Gang):
+            node = placement_group_table(self.stage.pg)["bundles_to_node_id"][0]
+        else:
+            node = ray.get_runtime_context().get_node_id()
+        where = node_info(node)
+        return self.stage([item.replace(placement={**item.placement, self.recipe.stage: where})
+                           if item.live else item for item in items])
 
     def __del__(self) -> None:
         if isinstance(getattr(self, "stage", None), Gang):
             self.stage.close()  # its ranks and placement group (a crash is covered by the driver's sweep)
+
+
+# Node labels that name a node's type: ours (cluster.yaml, the KubeRay manifests), then Ray's own node group
+# (set from the node type's name by the cluster launcher's autoscaler v2 and by KubeRay).
+NODE_TYPE_LABELS = ("wan-ray/node-type", "ray.io/node-group")
+
+
+@lru_cache(maxsize=256)
+def node_info(node_id: str) -> dict[str, str]:
+    """Where work ran, for sidecars: the node's id, IP and type ("" where the cluster does not say)."""
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
+    labels = node.get("Labels") or {}
+    kind = next((labels[k] for k in NODE_TYPE_LABELS if labels.get(k)), "")
+    return {"node_id": node_id, "node_ip": node.get("NodeManagerAddress", ""), "node_type": kind}
 
 
 def call_stage(run: Callable[[list[Item]], list[Item]], recipe: StageRecipe,

@@ -76,6 +76,7 @@ class Item:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     gpu_seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)  # the input row's other columns, passed through
+    placement: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> node_id, node_ip, node_type
 
     @property
     def live(self) -> bool:

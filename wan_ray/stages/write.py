@@ -59,6 +59,7 @@ class Writer(Stage):
                       "height": video.height},
             "plan": dataclasses.asdict(video.plan), "timings": item.timings, "gpu_seconds": item.gpu_seconds,
             "extras": item.extras,
+            "placement": item.placement,  # stage -> the node that ran it (batch job)
             "versions": versions(),
         }
 
