@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..runtime.topology import bundled_presets
+
 STARTUP_ERRORS = (ValueError, OSError)  # ManifestError, TopologyError, CheckpointError, missing files, S3
 
 
@@ -20,8 +22,8 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="local folder or s3:// prefix for videos and results")
     p.add_argument("--model", default="tiny", help="bundled model name or checkpoint folder (default: tiny)")
     p.add_argument("--topology", default=None,
-                   help="topology file or preset: local, 1gpu, 8xh100 (default: 1gpu if the cluster has a "
-                        "GPU, else local)")
+                   help=f"topology file or preset: {', '.join(bundled_presets())} (default: 1gpu if the "
+                        "cluster has a GPU, else local)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: the Ray Job's cluster, else a new local Ray)")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",

@@ -139,6 +139,10 @@ class Topology(_Strict):
                                     f"{resources.get(resource, 0.0):g}")
 
 
+def bundled_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
 def load_topology(source: str | Path | dict[str, Any] | None) -> Topology:
     """Read a topology from a YAML file, a bundled preset name (`local`, `1gpu`, `8xh100`) or a dict."""
     if source is None:
@@ -150,8 +154,8 @@ def load_topology(source: str | Path | dict[str, Any] | None) -> Topology:
         if not path.exists() and not path.suffix:
             path = PRESET_DIR / f"{source}.yaml"
         if not path.exists():
-            presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise TopologyError(f"topology {str(source)!r} is neither a file nor a bundled preset {presets}")
+            raise TopologyError(f"topology {str(source)!r} is neither a file nor a bundled preset "
+                                f"{bundled_presets()}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -14,13 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+from ..runtime.topology import bundled_presets
+
 APP_NAME = "wan"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="bundled model name or checkpoint folder (default: tiny)")
     p.add_argument("--topology", default="local",
-                   help="resources and replicas per stage: a preset (local, 1gpu, 8xh100) or a YAML file")
+                   help=f"resources and replicas per stage: a preset ({', '.join(bundled_presets())}) or a "
+                        "YAML file")
     p.add_argument("--storage", default="wan-ray-serve",
                    help="records and videos: a folder or s3://bucket/prefix (default: ./wan-ray-serve)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
