@@ -146,6 +146,20 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             rows.append(dict(shape=shape, impl="ours", attn=f"{backend}+compile", seconds=median, times=times,
                              tokens=tokens, rel_l2_vs_diffusers=err, tflops=total / median / 1e12,
                              ratio=median / base))
+        if args.fp8:
+            from wan_ray.models.dit import compile_blocks
+            from wan_ray.models.fp8 import quantize_fp8
+
+            quantize_fp8(ours)
+            if device == "cuda":  # inductor's CPU code generator fails on these graphs (torch 2.13)
+                compile_blocks(ours)
+            out = ours(x, t, ctx, y=y)
+            err = ((out - ref).norm() / ref.norm()).item()
+            times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
+            median = statistics.median(times)
+            rows.append(dict(shape=shape, impl="ours", attn=f"{args.attn.split(',')[-1]}+fp8+compile",
+                             seconds=median, times=times, tokens=tokens, rel_l2_vs_diffusers=err,
+                             tflops=total / median / 1e12, ratio=median / base))
     if device == "cuda":
         rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return rows
@@ -157,6 +171,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa,cudnn", help="our attention backends to time")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-eager", action="store_true", help="time only the compiled variant of ours")
+    parser.add_argument("--fp8", action="store_true", help="also time ours with FP8 linear layers, compiled")
     parser.add_argument("--compile", default="", help="shapes where the last backend is also timed with "
                         "each block compiled (torch.compile fuses the float32 elementwise work)")
     parser.add_argument("--tiny", action="store_true", help="small model and shapes, for a CPU smoke run")

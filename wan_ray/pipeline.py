@@ -45,12 +45,13 @@ class Generator:
     `model` is a bundled name (`"tiny"`) or a release folder (official or diffusers layout). Memory options
     for a single smaller GPU, as the official code offers them: `offload_model` keeps only the active expert
     on the GPU (the others wait on the CPU), `t5_cpu` runs the text encoder on the CPU; weights are always
-    converted to the compute `dtype` as they load (default bf16 on a GPU, float32 on a CPU).
+    converted to the compute `dtype` as they load (default bf16 on a GPU, float32 on a CPU). `fp8` swaps
+    the experts' big projections for FP8 ones (lossy, opt-in: `wan_ray.models.fp8`).
     """
 
     def __init__(self, model: str | Path | Checkpoint = "tiny", *, device: str | None = None,
                  dtype: torch.dtype | None = None, offload_model: bool = False, t5_cpu: bool = False,
-                 batched_cfg: bool = True):
+                 batched_cfg: bool = True, fp8: bool = False):
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
         self.task = self.checkpoint.task
         self.device = device or default_device()
@@ -60,8 +61,8 @@ class Generator:
         self.text = TextEncoder(self.checkpoint, "cpu" if t5_cpu else self.device, dtype)
         self.image = ImageEncoder(self.checkpoint, self.device) if self.task.dit.model_type != "t2v" else None
         expert_device = "cpu" if self.offload_model else self.device
-        self.denoisers = [Denoiser(self.checkpoint, name, expert_device, dtype, batched_cfg=batched_cfg)
-                          for name in self.checkpoint.experts]
+        self.denoisers = [Denoiser(self.checkpoint, name, expert_device, dtype, batched_cfg=batched_cfg,
+                                   fp8=fp8) for name in self.checkpoint.experts]
         self.decoder = Decoder(self.checkpoint, self.device)
 
     def request(self, prompt: str, **fields: Any) -> Request:

@@ -57,7 +57,8 @@ class StageRecipe:
         device = "cuda" if on_gpu else "cpu"
         dtype = getattr(torch, self.spec.dtype) if self.spec.dtype else None  # None: the stage's default
         if self.stage.startswith("denoise_"):
-            stage = Denoiser(checkpoint, self.stage.removeprefix("denoise_"), device, dtype)
+            expert = self.stage.removeprefix("denoise_")
+            stage = Denoiser(checkpoint, expert, device, dtype, fp8=self.spec.fp8)
         else:
             kind = {"text_encode": TextEncoder, "image_encode": ImageEncoder, "decode": Decoder}[self.stage]
             stage = kind(checkpoint, device, dtype)

@@ -9,7 +9,8 @@ silently ignored. Per stage:
 - `batch_size`: rows per call;
 - denoise stages only: `gang_size` (GPUs running one DiT forward together with Ulysses sequence
   parallelism), `cfg_parallel` (conditional and unconditional passes on two halves of the gang) and
-  `shard_weights` (FSDP-style sharding of the expert's weights across the gang's ranks).
+  `shard_weights` (FSDP-style sharding of the expert's weights across the gang's ranks), and `fp8` (FP8
+  linear layers, opt-in and lossy: `wan_ray.models.fp8`).
 
 Stage names are those of `wan_ray.stages`: `text_encode`, `image_encode`, `denoise_high`, `denoise_low`,
 `denoise_single`, `decode`, `write`. A stage the topology does not name gets the `defaults`.
@@ -59,6 +60,7 @@ class StageSpec(_Strict):
     gang_size: int = Field(1, description="denoise only: GPUs per replica, 1, 2, 4 or 8")
     cfg_parallel: bool = Field(False, description="denoise only: split cond/uncond across the gang")
     shard_weights: bool = Field(False, description="denoise only: shard the expert's weights across ranks")
+    fp8: bool = Field(False, description="denoise only: FP8 linear layers (lossy, opt-in; gang_size 1)")
     dtype: str | None = Field(None, description="compute dtype: bfloat16, float16 or float32")
 
     @model_validator(mode="after")
@@ -97,8 +99,11 @@ class Topology(_Strict):
             raise ValueError(f"unknown stages {sorted(unknown)}; stages are {list(STAGES)}")
         for name, spec in self.stages.items():
             gang = spec.gang_size > 1 or spec.cfg_parallel or spec.shard_weights
-            if gang and not name.startswith("denoise"):
-                raise ValueError(f"{name}: gang_size, cfg_parallel and shard_weights are for denoise stages")
+            if (gang or spec.fp8) and not name.startswith("denoise"):
+                raise ValueError(f"{name}: gang_size, cfg_parallel, shard_weights and fp8 are for denoise "
+                                 "stages")
+            if spec.fp8 and spec.gang_size > 1:
+                raise ValueError(f"{name}: fp8 runs on single-GPU replicas (gang_size 1) for now")
         return self
 
     def stage(self, name: str) -> StageSpec:

@@ -8,6 +8,7 @@ import torch
 
 from ..models.checkpoint import Checkpoint
 from ..models.dit import WanDiT, compile_blocks
+from ..models.fp8 import quantize_fp8
 from ..sampling.loop import DenoiseState, run_segment, seeded_noise, start_state
 from ..sampling.plan import plan_request
 from .base import Stage, default_device
@@ -26,7 +27,7 @@ class Denoiser(Stage):
     def __init__(self, checkpoint: Checkpoint, expert: str, device: str | None = None,
                  dtype: torch.dtype | None = None, *, model: torch.nn.Module | None = None,
                  batched_cfg: bool = True, progress: Progress | None = None, gpus: float | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, fp8: bool = False):
         self.task = checkpoint.task
         self.expert = expert
         self.name = f"denoise_{expert}"
@@ -34,6 +35,8 @@ class Denoiser(Stage):
         if model is None:
             dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
             model = checkpoint.load_expert(expert, device, dtype)
+            if fp8:  # opt-in, lossy: docs/benchmarks.md gives its error
+                quantize_fp8(model)
             if compile if compile is not None else device.startswith("cuda"):
                 compile_blocks(model)  # compiled on the first call, then reused by every video
         self.model: WanDiT = model
