@@ -157,7 +157,8 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             err = ((out - ref).norm() / ref.norm()).item()
             times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
             median = statistics.median(times)
-            rows.append(dict(shape=shape, impl="ours", attn=f"{args.attn.split(',')[-1]}+fp8+compile",
+            label = f"{args.attn.split(',')[-1]}+fp8" + ("+compile" if device == "cuda" else "")
+            rows.append(dict(shape=shape, impl="ours", attn=label,
                              seconds=median, times=times, tokens=tokens, rel_l2_vs_diffusers=err,
                              tflops=total / median / 1e12, ratio=median / base))
     if device == "cuda":
