@@ -172,6 +172,16 @@ class Head(nn.Module):
         return self.head(h.to(self.head.weight.dtype)).float()  # [B, L, p_t*p_h*p_w*C_out]
 
 
+class BlockStack(nn.Module):
+    """Runs the blocks in order. Holds no weights: a module so that step caching can replace it."""
+
+    def forward(self, blocks: nn.ModuleList, x: torch.Tensor, e0: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            x = block(x, e0, rope, context)
+        return x
+
+
 class WanDiT(nn.Module):
     """Wan2.2 DiT. `WanDiT(**config_json)` accepts the official config.json fields."""
 
@@ -185,6 +195,7 @@ class WanDiT(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.stack = BlockStack()
         self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
         self.rope = RotaryEmbedding3D(cfg.head_dim)
 
@@ -216,8 +227,7 @@ class WanDiT(nn.Module):
 
         context = self.text_embedding(self._pad_context(context).to(dtype))  # [B, text_len, D]
         rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            x = block(x, e0, rope, context)
+        x = self.stack(self.blocks, x, e0, rope, context)
         return self.unpatchify(self.head(x, e), grid)
 
     def _pad_context(self, context: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ class StageRecipe:
         dtype = getattr(torch, self.spec.dtype) if self.spec.dtype else None  # None: the stage's default
         if self.stage.startswith("denoise_"):
             expert = self.stage.removeprefix("denoise_")
-            stage = Denoiser(checkpoint, expert, device, dtype, fp8=self.spec.fp8)
+            stage = Denoiser(checkpoint, expert, device, dtype, fp8=self.spec.fp8,
+                             step_cache=self.spec.step_cache)
         else:
             kind = {"text_encode": TextEncoder, "image_encode": ImageEncoder, "decode": Decoder}[self.stage]
             stage = kind(checkpoint, device, dtype)

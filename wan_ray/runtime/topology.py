@@ -9,8 +9,9 @@ silently ignored. Per stage:
 - `batch_size`: rows per call;
 - denoise stages only: `gang_size` (GPUs running one DiT forward together with Ulysses sequence
   parallelism), `cfg_parallel` (conditional and unconditional passes on two halves of the gang) and
-  `shard_weights` (FSDP-style sharding of the expert's weights across the gang's ranks), and `fp8` (FP8
-  linear layers, opt-in and lossy: `wan_ray.models.fp8`).
+  `shard_weights` (FSDP-style sharding of the expert's weights across the gang's ranks); and two opt-in,
+  lossy accelerations: `fp8` (FP8 linear layers, `wan_ray.models.fp8`) and `step_cache` (a threshold for
+  skipping the blocks on steps whose input barely changed, `wan_ray.sampling.cache`).
 
 Stage names are those of `wan_ray.stages`: `text_encode`, `image_encode`, `denoise_high`, `denoise_low`,
 `denoise_single`, `decode`, `write`. A stage the topology does not name gets the `defaults`.
@@ -61,6 +62,8 @@ class StageSpec(_Strict):
     cfg_parallel: bool = Field(False, description="denoise only: split cond/uncond across the gang")
     shard_weights: bool = Field(False, description="denoise only: shard the expert's weights across ranks")
     fp8: bool = Field(False, description="denoise only: FP8 linear layers (lossy, opt-in; gang_size 1)")
+    step_cache: float | None = Field(None, ge=0, description="denoise only: step-caching threshold (lossy, "
+                                     "opt-in; gang_size 1)")
     dtype: str | None = Field(None, description="compute dtype: bfloat16, float16 or float32")
 
     @model_validator(mode="after")
@@ -99,11 +102,13 @@ class Topology(_Strict):
             raise ValueError(f"unknown stages {sorted(unknown)}; stages are {list(STAGES)}")
         for name, spec in self.stages.items():
             gang = spec.gang_size > 1 or spec.cfg_parallel or spec.shard_weights
-            if (gang or spec.fp8) and not name.startswith("denoise"):
-                raise ValueError(f"{name}: gang_size, cfg_parallel, shard_weights and fp8 are for denoise "
-                                 "stages")
-            if spec.fp8 and spec.gang_size > 1:
-                raise ValueError(f"{name}: fp8 runs on single-GPU replicas (gang_size 1) for now")
+            lossy = spec.fp8 or spec.step_cache
+            if (gang or lossy) and not name.startswith("denoise"):
+                raise ValueError(f"{name}: gang_size, cfg_parallel, shard_weights, fp8 and step_cache are "
+                                 "for denoise stages")
+            if lossy and spec.gang_size > 1:
+                raise ValueError(f"{name}: fp8 and step_cache run on single-GPU replicas (gang_size 1) for "
+                                 "now")
         return self
 
     def stage(self, name: str) -> StageSpec:

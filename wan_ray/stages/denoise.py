@@ -9,6 +9,7 @@ import torch
 from ..models.checkpoint import Checkpoint
 from ..models.dit import WanDiT, compile_blocks
 from ..models.fp8 import quantize_fp8
+from ..sampling.cache import apply_step_cache, reset_step_cache
 from ..sampling.loop import DenoiseState, run_segment, seeded_noise, start_state
 from ..sampling.plan import plan_request
 from .base import Stage, default_device
@@ -27,7 +28,7 @@ class Denoiser(Stage):
     def __init__(self, checkpoint: Checkpoint, expert: str, device: str | None = None,
                  dtype: torch.dtype | None = None, *, model: torch.nn.Module | None = None,
                  batched_cfg: bool = True, progress: Progress | None = None, gpus: float | None = None,
-                 compile: bool | None = None, fp8: bool = False):
+                 compile: bool | None = None, fp8: bool = False, step_cache: float | None = None):
         self.task = checkpoint.task
         self.expert = expert
         self.name = f"denoise_{expert}"
@@ -37,6 +38,8 @@ class Denoiser(Stage):
             model = checkpoint.load_expert(expert, device, dtype)
             if fp8:  # opt-in, lossy: docs/benchmarks.md gives its error
                 quantize_fp8(model)
+            if step_cache:  # opt-in, lossy: skips the blocks on steps whose input barely changed
+                apply_step_cache(model, step_cache)
             if compile if compile is not None else device.startswith("cuda"):
                 compile_blocks(model)  # compiled on the first call, then reused by every video
         self.model: WanDiT = model
@@ -53,6 +56,7 @@ class Denoiser(Stage):
         return start_state(plan, noise, image.condition if image else None)
 
     def process(self, item: Item) -> Item:
+        reset_step_cache(self.model)
         state = item.state or self.start(item)
         segment = state.plan.segment(self.expert)
         if segment is None:  # e.g. every step was above the boundary: nothing for the low-noise expert
