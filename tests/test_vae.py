@@ -142,11 +142,13 @@ def test_chunking_is_causal(version):
     cache carry exactly what one causal pass would see."""
     vae = tiny_vae(version)
     video, latent = inputs(version)
+    # Up to float rounding: CPU convolution kernels may pick another summation order for another length.
+    same = dict(rtol=0.0, atol=1e-5)
     with torch.no_grad():
         encoded = vae.encode(video)
-        assert torch.equal(encoded[:, :, :2], vae.encode(video[:, :, :5]))
+        torch.testing.assert_close(encoded[:, :, :2], vae.encode(video[:, :, :5]), **same)
         decoded = vae.decode(latent)
-        assert torch.equal(decoded[:, :, :5], vae.decode(latent[:, :, :2]))
+        torch.testing.assert_close(decoded[:, :, :5], vae.decode(latent[:, :, :2]), **same)
         # ...and later chunks do see earlier ones through the cache (two chunks back here).
         changed = video.clone()
         changed[:, :, 0] = 0

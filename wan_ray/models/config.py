@@ -174,7 +174,7 @@ PRESETS: dict[str, TaskSpec] = {
     # are in the release's wan_ray.json (they come out of training).
     "tiny": TaskSpec(
         name="tiny",
-        dit=DiTConfig(model_type="t2v", in_dim=8, out_dim=8, dim=256, ffn_dim=768, num_heads=4, num_layers=4,
+        dit=DiTConfig(model_type="t2v", in_dim=8, out_dim=8, dim=192, ffn_dim=768, num_heads=3, num_layers=4,
                       text_dim=64, text_len=32),
         vae_version="2.1",
         vae_stride=(4, 8, 8),
@@ -186,7 +186,7 @@ PRESETS: dict[str, TaskSpec] = {
         sample_steps=20,
         sample_shift=3.0,
         guide_scale=(3.0, 4.0),
-        max_frames=33,
+        max_frames=17,
         text_len=32,
         negative_prompt="blurry, noisy, static, distorted",
         text_encoder_file="models_t5_umt5-tiny-enc.pth",
