@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -257,3 +258,27 @@ def test_gangs_make_the_same_videos_and_survive_a_dead_rank(ray_session, release
         b, _ = decode_mp4((tmp_path / "gang" / f"{row['id']}.mp4").read_bytes())
         assert a.shape == b.shape
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # float32 rounding, then H.264
+
+
+def test_the_readme_job_runs_the_bundled_tiny_model(ray_session, tmp_path, capsys):
+    """The README's first command (no --model: the bundled tiny model) on part of its example manifest:
+    every row ok, and each MP4 shows the colour and background its prompt names."""
+    from wan_ray.tiny import data
+    from wan_ray.tiny.detect import detect
+
+    example = pq.read_table(Path(__file__).parents[1] / "examples" / "tiny_prompts.parquet").slice(0, 3)
+    pq.write_table(example, tmp_path / "prompts.parquet")
+    before = snapshot()
+    # --topology local: what a CPU-only machine picks by itself (this test Ray advertises fake GPUs)
+    code = main(["generate", str(tmp_path / "prompts.parquet"), "--output", str(tmp_path / "out"),
+                 "--topology", "local"])
+    assert code == 0
+    assert_nothing_left(before)
+    results = read_results(str(tmp_path / "out"))
+    assert [results[row["id"]]["status"] for row in example.to_pylist()] == ["ok"] * 3
+    for row in example.to_pylist():
+        frames, fps = decode_mp4(storage.read_bytes(results[row["id"]]["video_uri"]))
+        assert frames.shape == (17, 128, 128, 3) and fps == 8
+        colour, _, _, background = data.parse_caption(row["prompt"])
+        found = detect(frames)
+        assert (found.colour, found.background) == (colour, background), (row["prompt"], found)
