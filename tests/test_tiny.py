@@ -215,3 +215,12 @@ def test_training_command_writes_a_release_that_loads(tmp_path):
     assert [sorted(r) for r in runs] == [["args", "device", "vae", "vae_image", "vae_reconstruction"],
                                          ["args", "device", "dit", "seconds"]]
     assert runs[1]["dit"]["steps"] == 2
+
+
+def test_eval_tiny_command_prints_the_accuracy_table(capsys):
+    from wan_ray.cli import main
+
+    assert main(["eval-tiny", "--seen", "2", "--steps", "4", "--batch", "14"]) == 0
+    table = capsys.readouterr().out
+    assert "all (14)" in table and "held-out (12)" in table
+    assert [line.split()[0] for line in table.splitlines()[1:5]] == list(data.ATTRIBUTES)

@@ -90,6 +90,19 @@ def _default_file_name(task: str, size: str, prompt: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _eval_tiny_arguments(p: argparse.ArgumentParser) -> None:
+    from .tiny import evaluate
+
+    evaluate.add_arguments(p)
+
+
+def _eval_tiny(args: argparse.Namespace) -> int:
+    from .tiny import evaluate
+
+    evaluate.run(args)
+    return 0
+
+
 # name, help, arguments, runner
 COMMANDS = [
     ("run", "make one video in this process (flags of the official generate.py)", _run_arguments, run_one),
@@ -99,6 +112,8 @@ COMMANDS = [
      batch_command.validate),
     ("serve", "the online endpoint: a Ray Serve app speaking the OpenAI Videos API",
      serve_command.add_arguments, serve_command.serve_main),
+    ("eval-tiny", "how well the tiny model follows its prompts: generate, detect, print accuracy",
+     _eval_tiny_arguments, _eval_tiny),
 ]
 
 

@@ -9,7 +9,7 @@ the real checkpoints. The DiT architecture and sampling defaults are the `"tiny"
 - `detect`: the deterministic detector that reads a video back into caption attributes;
 - `train`: VAE and two-expert flow-matching training, reusable for fine-tuning
   (`python -m wan_ray.tiny.train`);
-- `evaluate`: generation and prompt-following accuracy (`python -m wan_ray.tiny.evaluate`).
+- `evaluate`: generation and prompt-following accuracy (`wan-ray eval-tiny`).
 
 See docs/tiny-model.md.
 """

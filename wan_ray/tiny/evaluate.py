@@ -140,8 +140,7 @@ def time_one_video(pipe: TinyPipeline, threads: int = 1, repeats: int = 3) -> fl
         torch.set_num_threads(previous)
 
 
-def main(argv: Sequence[str] | None = None) -> EvalReport:
-    p = argparse.ArgumentParser(prog="python -m wan_ray.tiny.evaluate", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=TASK, help="bundled name or release folder (default: the bundled tiny)")
     p.add_argument("--seen", type=int, default=12, help="training combinations added to the held-out ones")
     p.add_argument("--seed", type=int, default=0, help="picks the seen combinations and the noise seeds")
@@ -153,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--time", action="store_true", help="also time one video on one CPU thread")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> EvalReport:
+    """Evaluate as the parsed arguments say; prints the accuracy table (and the one-thread time)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     guide = None if not args.guide_scale else (
@@ -167,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
               f"{args.steps or pipe.task.sample_steps} steps) on one CPU thread: "
               f"{time_one_video(pipe):.2f} s")
     return report
+
+
+def main(argv: Sequence[str] | None = None) -> EvalReport:
+    p = argparse.ArgumentParser(prog="python -m wan_ray.tiny.evaluate", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
