@@ -46,12 +46,16 @@ def flops(cfg, tokens: int, text: int = 512) -> float:
     return cfg.num_layers * per_block
 
 
+def dit_config(task: str, tiny: bool) -> dict:
+    """The task's DiT config, or with `tiny` the same variant and channels at the TINY size."""
+    real = PRESETS[task].dit
+    return real.to_dict() if not tiny else {"model_type": real.model_type, "in_dim": real.in_dim,
+                                            "out_dim": real.out_dim, **TINY}
+
+
 def build_ours(task: str, device: str, tiny: bool) -> WanDiT:
-    config = PRESETS[task].dit.to_dict() if not tiny else {"model_type": PRESETS[task].dit.model_type,
-                                                           "in_dim": PRESETS[task].dit.in_dim,
-                                                           "out_dim": PRESETS[task].dit.out_dim, **TINY}
     with torch.device("meta"):
-        model = WanDiT(**config)
+        model = WanDiT(**dit_config(task, tiny))
     cast_dit(model, torch.bfloat16)
     model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
