@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.checkpoint import TASK_FILE, load_dit, save_dit
+from ..models.checkpoint import TASK_FILE, load_dit, load_vae, save_dit
 from ..models.config import TaskSpec, get_preset
 from ..models.dit import WanDiT, compile_blocks
 from ..models.text_encoder import (
@@ -503,10 +503,9 @@ def _fresh_or_init_vae(args: argparse.Namespace, task: TaskSpec, device: torch.d
     if args.init:
         spec = json.loads((args.init / TASK_FILE).read_text())
         config = dict(spec["vae_config"])
-        vae = build_vae(task.vae_version, **config)
-        vae.load_state_dict(torch.load(args.init / task.vae_file, map_location="cpu", weights_only=True))
+        vae = load_vae(args.init / task.vae_file, device, config=config).requires_grad_(True)
         arch = {k: v for k, v in config.items() if k not in ("latents_mean", "latents_std")}
-        return vae.to(device), arch
+        return vae, arch
     arch = dict(VAE_ARCH)
     z = arch["z_dim"]
     vae = build_vae(task.vae_version, **arch, latents_mean=[0.0] * z, latents_std=[1.0] * z).to(device)
