@@ -212,3 +212,13 @@ def test_derived_ids_differ_when_any_setting_differs():
     for change in (dict(steps=30), dict(shift=5.0), dict(guide_scale=2.0), dict(solver="dpm++"), dict(seed=4),
                    dict(size="832*480"), dict(frames=41), dict(negative_prompt="blurry")):
         assert make_request(task, prompt="a cat", **change).id != base.id, change
+
+
+def test_the_public_api_is_importable_from_the_package():
+    import wan_ray.sampling as sampling
+
+    assert sampling.make_scheduler("unipc", 40, 12.0).timesteps[0].item() == 999
+    plan = sampling.make_plan(40, 12.0, "unipc", boundary=0.875, guide_scale=(3.0, 4.0))
+    assert [s.expert for s in plan.segments] == ["high", "low"]
+    for name in ("sample", "start_state", "run_segment", "DenoiseState"):
+        assert callable(getattr(sampling, name))

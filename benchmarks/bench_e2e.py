@@ -1,0 +1,158 @@
+"""End to end on one GPU: videos from prompt embeddings to frames, our loop against diffusers' WanPipeline.
+
+Both sides get the same work and the same weights: Wan2.2 T2V-A14B's two experts (random bf16 weights at
+the true size, shared tensor for tensor between our `WanDiT` and diffusers' `WanTransformer3DModel`), a
+Wan2.1 VAE (random, the same weights on both sides), precomputed prompt embeddings (the real umT5
+tokenizer cannot be downloaded here, so text encoding is left out of both), the same initial noise, UniPC
+with shift, CFG with the (low-noise, high-noise) guidance pair and the expert switch at the same boundary.
+
+- ours: `wan_ray.sampling.sample` (batched CFG, blocks compiled as the denoise stage does on CUDA) and
+  `WanVAE.decode` (bf16 on CUDA, as the decode stage runs it), then uint8 frames;
+- diffusers: `WanPipeline(transformer, transformer_2, boundary_ratio)` with `prompt_embeds` and
+  `negative_prompt_embeds`, `output_type="np"`.
+
+Each side makes one warm-up video (compilation, autotuning), then `--videos` timed ones; the table gives
+seconds per video, videos per hour and the ratio, and the relative L2 between the two sides' frames as a
+check that they did the same work (bf16 and two solver implementations: a few percent is expected).
+
+    python benchmarks/bench_e2e.py --size 832x480 --frames 81 --steps 10 --videos 2 --out e2e.json
+    python benchmarks/bench_e2e.py --tiny          # a CPU smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_dit
+import bench_vae
+
+from wan_ray.models.config import PRESETS
+from wan_ray.models.dit import compile_blocks
+from wan_ray.models.vae import build_vae
+from wan_ray.sampling.loop import sample, seeded_noise
+from wan_ray.sampling.plan import make_plan
+
+TASK = PRESETS["t2v-A14B"]
+
+
+def build_experts(device: str, tiny: bool) -> dict:
+    experts = {}
+    for i, name in enumerate(("high", "low")):
+        torch.manual_seed(i)  # two different random experts
+        experts[name] = bench_dit.build_ours("t2v-A14B", device, tiny)
+    return experts
+
+
+def build_vae_pair(device: str, tiny: bool, dtype: torch.dtype):
+    """A random Wan2.1 VAE (the official latent statistics) and diffusers' copy of it, both in `dtype`."""
+    config = dict((bench_vae.TINY if tiny else bench_vae.REAL)["2.1"])
+    torch.manual_seed(2)
+    ours = build_vae("2.1", **config).eval()
+    theirs = bench_vae.diffusers_twin(ours, "2.1", config).eval()
+    return ours.to(device, dtype), theirs.to(device, dtype)
+
+
+def diffusers_pipeline(experts: dict, vae, shift: float):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=shift, num_train_timesteps=1000)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
+                       transformer=bench_dit.diffusers_twin(experts["high"]),
+                       transformer_2=bench_dit.diffusers_twin(experts["low"]), boundary_ratio=TASK.boundary)
+
+
+def timed(fn, device: str) -> tuple[float, object]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="832x480", help="WxH of the videos")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--steps", type=int, default=10, help="sampling steps (the real default is 40)")
+    p.add_argument("--videos", type=int, default=2, help="timed videos per side, after one warm-up video")
+    p.add_argument("--tiny", action="store_true", help="tiny models at 64x64, 5 frames, on the CPU")
+    p.add_argument("--out")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the decode stage's dtype
+    width, height = (64, 64) if args.tiny else map(int, args.size.lower().split("x"))
+    frames = 5 if args.tiny else args.frames
+    low_guide, high_guide = TASK.guide_scale
+    shift = TASK.sample_shift
+
+    experts = build_experts(device, args.tiny)
+    vae, their_vae = build_vae_pair(device, args.tiny, dtype)
+    pipe = diffusers_pipeline(experts, their_vae, shift)
+    if device == "cuda":
+        for model in experts.values():
+            compile_blocks(model)
+    text_dim = experts["high"].config.text_dim
+    latent = (experts["high"].config.out_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
+    plan = make_plan(args.steps, shift, "unipc", TASK.boundary, (low_guide, high_guide), latent_shape=latent)
+
+    def inputs(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        context = torch.randn(1, 64, text_dim, generator=g).to(device, torch.bfloat16)
+        null = torch.randn(1, 96, text_dim, generator=g).to(device, torch.bfloat16)
+        return seeded_noise(latent, seed).unsqueeze(0).to(device), context, null
+
+    @torch.no_grad()
+    def ours(seed: int) -> np.ndarray:
+        noise, context, null = inputs(seed)
+        video = vae.decode(sample(experts, noise, context, null, plan))  # [1, 3, F, H, W] in [-1, 1]
+        return ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+    @torch.no_grad()
+    def theirs(seed: int) -> np.ndarray:
+        noise, context, null = inputs(seed)
+        out = pipe(prompt_embeds=context, negative_prompt_embeds=null, latents=noise.float(), height=height,
+                   width=width, num_frames=frames, num_inference_steps=args.steps, guidance_scale=high_guide,
+                   guidance_scale_2=low_guide, output_type="np").frames[0]  # [F, H, W, 3] in [0, 1]
+        return (np.asarray(out) * 255).round().astype(np.uint8)
+
+    rows, videos = [], {}
+    for name, fn in (("diffusers", theirs), ("ours", ours)):
+        fn(0)  # warm-up
+        times = []
+        for seed in range(1, args.videos + 1):
+            seconds, videos[name, seed] = timed(lambda seed=seed, fn=fn: fn(seed), device)
+            times.append(seconds)
+        rows.append(dict(impl=name, seconds_per_video=statistics.median(times), times=times))
+    base = rows[0]["seconds_per_video"]
+    rel = np.mean([np.linalg.norm(videos["ours", s].astype(float) - videos["diffusers", s])
+                   / np.linalg.norm(videos["diffusers", s].astype(float)) for s in range(1, args.videos + 1)])
+    card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"{width}x{height}x{frames}, {args.steps} steps, CFG, two experts; {card}")
+    print(f"{'impl':<10}{'s/video':>9}{'videos/h':>10}{'ratio':>7}")
+    for row in rows:
+        row["ratio"] = row["seconds_per_video"] / base
+        print(f"{row['impl']:<10}{row['seconds_per_video']:>9.2f}{3600 / row['seconds_per_video']:>10.1f}"
+              f"{row['ratio']:>7.2f}")
+    print(f"frames rel L2, ours vs diffusers: {rel:.2e}")
+    if args.out:
+        report = dict(card=card, torch=torch.__version__, size=[width, height], frames=frames,
+                      steps=args.steps, rows=rows, frames_rel_l2=float(rel))
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
