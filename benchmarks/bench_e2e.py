@@ -39,7 +39,7 @@ import bench_vae
 
 from wan_ray.models.config import PRESETS
 from wan_ray.models.dit import compile_blocks
-from wan_ray.models.vae import build_vae
+from wan_ray.models.vae import build_vae, to_uint8
 from wan_ray.sampling.loop import sample, seeded_noise
 from wan_ray.sampling.plan import make_plan
 
@@ -119,7 +119,7 @@ def main() -> None:
     def ours(seed: int) -> np.ndarray:
         noise, context, null = inputs(seed)
         video = vae.decode(sample(experts, noise, context, null, plan))  # [1, 3, F, H, W] in [-1, 1]
-        return ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+        return to_uint8(video[0])
 
     @torch.no_grad()
     def theirs(seed: int) -> np.ndarray:

@@ -260,7 +260,7 @@ def test_gangs_make_the_same_videos_and_survive_a_dead_rank(ray_session, release
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # float32 rounding, then H.264
 
 
-def test_the_readme_job_runs_the_bundled_tiny_model(ray_session, tmp_path, capsys):
+def test_the_readme_job_runs_the_bundled_tiny_model(ray_session, tmp_path):
     """The README's first command (no --model: the bundled tiny model) on part of its example manifest:
     every row ok, and each MP4 shows the colour and background its prompt names."""
     from wan_ray.tiny import data

@@ -9,6 +9,7 @@ import torch
 
 from wan_ray.models.checkpoint import TASK_FILE, load_dit, load_vae, open_checkpoint
 from wan_ray.models.text_encoder import load_umt5_encoder
+from wan_ray.models.vae import to_uint8
 from wan_ray.tiny import RELEASE_DIR, data, train
 from wan_ray.tiny.detect import accuracy, detect
 from wan_ray.tiny.evaluate import TinyPipeline, eval_prompts, evaluate, generate
@@ -47,7 +48,7 @@ def test_dataset_is_seeded_and_the_detector_reads_every_ground_truth_video():
     rng = np.random.default_rng(0)
     scenes = [data.random_scene(rng, combo) for combo in data.ALL_COMBOS]  # every combination once
     videos = data.render(scenes)
-    detections = [detect(data.to_uint8(v)) for v in videos]
+    detections = [detect(to_uint8(v)) for v in videos]
     assert accuracy(detections, [s.attributes for s in scenes]) == {
         "colour": 1.0, "shape": 1.0, "direction": 1.0, "background": 1.0}
     blank = np.zeros((17, 128, 128, 3), np.uint8)

@@ -26,6 +26,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from .vae21 import LATENTS_MEAN_21, LATENTS_STD_21, WanVAE21
@@ -154,6 +156,13 @@ def _indices(sd: Mapping[str, Tensor], pattern: str) -> list[int]:
     if not found:
         raise ValueError(f"no key matches {pattern!r}: this is not a full Wan VAE state dict")
     return found
+
+
+def to_uint8(video: Tensor) -> np.ndarray:
+    """A decoded video [3, F, H, W] in [-1, 1] -> frames [F, H, W, 3] uint8, truncating like the official
+    writer."""
+    pixels = (video.float().clamp(-1, 1) + 1) / 2 * 255
+    return pixels.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
 
 
 def vae_state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

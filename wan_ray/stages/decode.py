@@ -7,15 +7,10 @@ import torch
 
 from ..io.media import encode_mp4, thumbnail
 from ..models.checkpoint import Checkpoint
+from ..models.vae import to_uint8
 from ..sampling.loop import DenoiseState
 from .base import Stage, default_device
 from .records import Item, Video
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8, truncating like the official writer."""
-    pixels = (video.float().clamp(-1, 1) + 1) / 2 * 255
-    return pixels.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
 
 
 class Decoder(Stage):

@@ -173,12 +173,6 @@ def render(scenes: Sequence[Scene], frames: int = FRAMES, size: int = SIZE,
     return (background + alpha * (colour - background)) * 2 - 1
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[3, F, H, W] in [-1, 1] -> uint8 frames [F, H, W, 3], the form a generator returns."""
-    pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(1, 2, 3, 0).cpu().numpy()
-
-
 def batches(batch_size: int, seed: int, combos: Sequence[Sequence[str]] = TRAIN_COMBOS, frames: int = FRAMES,
             size: int = SIZE, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, list[str]]]:
     """An endless, seeded stream of (videos [B, 3, F, H, W], captions)."""

@@ -22,7 +22,7 @@ from torch import nn
 from ..models.checkpoint import open_checkpoint
 from ..models.config import TaskSpec
 from ..models.text_encoder import UMT5TextEncoder
-from ..models.vae import WanVAE
+from ..models.vae import WanVAE, to_uint8
 from ..sampling.loop import pad_contexts, sample, seeded_noise
 from ..sampling.plan import latent_shape, make_plan
 from ..sampling.request import make_request
@@ -67,7 +67,7 @@ def generate(pipe: TinyPipeline, prompts: Sequence[str], seeds: Sequence[int], *
     context = pad_contexts(pipe.text.encode(list(prompts))).float()
     null = pad_contexts(pipe.text.encode([q.negative_prompt for q in requests])).float()
     latent = sample(experts or pipe.experts, noise.to(device), context, null, plan)
-    return np.stack([data.to_uint8(v) for v in pipe.vae.decode(latent)])
+    return np.stack([to_uint8(v) for v in pipe.vae.decode(latent)])
 
 
 def eval_prompts(seen: int = 12, seed: int = 0) -> list[tuple[str, int]]:

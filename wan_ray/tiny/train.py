@@ -44,7 +44,7 @@ from ..models.text_encoder import (
     load_umt5_encoder,
     umt5_state_dict_to_official,
 )
-from ..models.vae import WanVAE, build_vae
+from ..models.vae import WanVAE, build_vae, to_uint8
 from ..models.vae_blocks import CausalCache, CausalConv3d, Resample
 from ..sampling.loop import pad_contexts
 from . import TASK, UMT5_ARCH, VAE_ARCH, data
@@ -241,7 +241,7 @@ def reconstruction_check(vae: WanVAE, size: int, device: torch.device, count: in
 
     scenes = data.sample_scenes(count, seed=12345, combos=data.ALL_COMBOS, size=size)
     recon = vae.decode(vae.encode(data.render(scenes, size=size, device=device)))
-    return accuracy([detect(data.to_uint8(v)) for v in recon], [s.attributes for s in scenes])
+    return accuracy([detect(to_uint8(v)) for v in recon], [s.attributes for s in scenes])
 
 
 @torch.no_grad()
