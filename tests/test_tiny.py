@@ -217,6 +217,17 @@ def test_training_command_writes_a_release_that_loads(tmp_path):
                                          ["args", "device", "dit", "seconds"]]
     assert runs[1]["dit"]["steps"] == 2
 
+    # --experts high fine-tunes one expert and keeps the other exactly as --init has it
+    only_high = train.main(["--out", str(tmp_path / "high"), "--init", str(out), *small, "--vae-image-steps",
+                            "0", "--vae-steps", "0", "--bank", "4", "--dit-steps", "2", "--dit-batch", "2",
+                            "--experts", "high"])
+    weights = lambda rel, name: (rel / name / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert weights(only_high, "low_noise_model") == weights(out, "low_noise_model")
+    assert weights(only_high, "high_noise_model") != weights(out, "high_noise_model")
+    with pytest.raises(SystemExit, match="no expert named"):
+        train.main(["--out", str(tmp_path / "bad"), "--init", str(out), *small, "--vae-image-steps", "0",
+                    "--vae-steps", "0", "--bank", "4", "--dit-steps", "1", "--experts", "middle"])
+
 
 def test_eval_tiny_command_prints_the_accuracy_table(capsys):
     from wan_ray.cli import main

@@ -484,6 +484,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     dit.add_argument("--bank", type=int, default=4096, help="videos encoded once for the DiT phase")
     dit.add_argument("--dit-steps", type=int, default=DiTTraining.steps)
     dit.add_argument("--dit-seconds", type=float, help="time limit of the DiT phase")
+    dit.add_argument("--experts", nargs="+", help="train only these experts (e.g. high); with --init the "
+                     "others are kept as they are")
     dit.add_argument("--dit-batch", type=int, default=DiTTraining.batch_size)
     dit.add_argument("--lr", type=float, default=DiTTraining.lr)
     dit.add_argument("--text-dropout", type=float, default=DiTTraining.text_dropout)
@@ -579,8 +581,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         else:
             experts[name] = WanDiT(**task.dit.to_dict()).to(device)
             experts[name].init_weights()
+    unknown = set(args.experts or ()) - set(experts)
+    if unknown:
+        raise SystemExit(f"--experts: no expert named {sorted(unknown)}; this task has {sorted(experts)}")
+    if args.experts and not args.init:
+        raise SystemExit("--experts trains some experts only; the others come from --init, which is missing")
+    trained = {name: experts[name] for name in args.experts or experts}
     if args.compile:
-        for model in experts.values():
+        for model in trained.values():
             compile_blocks(model)
     cfg = DiTTraining(steps=args.dit_steps, max_seconds=args.dit_seconds, batch_size=args.dit_batch,
                       lr=args.lr, text_dropout=args.text_dropout, ema=args.ema or None, seed=args.seed,
@@ -588,14 +596,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     def save_now(step: int, weights: dict[str, WanDiT]) -> None:
         if args.save_every and step % args.save_every == 0:
-            save_release(out, task, weights, vae, vae_arch, getattr(torch, args.dtype))
+            save_release(out, task, {**experts, **weights}, vae, vae_arch, getattr(torch, args.dtype))
             say(f"saved the experts of step {step}")
 
-    final, run["dit"] = train_experts(experts, expert_ranges(task),
+    ranges = {name: expert_ranges(task)[name] for name in trained}
+    final, run["dit"] = train_experts(trained, ranges,
                                       bank_batches(latents, captions, cfg.batch_size, args.seed + 4),
                                       CaptionEmbeddings(text), task.negative_prompt, cfg, say, save_now)
     run["seconds"] = round(time.monotonic() - t0, 1)
-    save_release(out, task, final, vae, vae_arch, getattr(torch, args.dtype))
+    save_release(out, task, {**experts, **final}, vae, vae_arch, getattr(torch, args.dtype))
     _write_log(out, report)
     say(f"wrote {out}")
     return out
