@@ -124,7 +124,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
     ctx = torch.randn(1, 512, ours.config.text_dim, device=device, dtype=torch.bfloat16)
     tokens = latent[1] * latent[2] // 2 * latent[3] // 2
     total = flops(ours.config, tokens)
-    rows = []
+    rows, mine = [], None
     with torch.no_grad():
         ref = theirs(x.to(torch.bfloat16), t, ctx, return_dict=False)[0].float()
         times = time_forward(lambda: theirs(x.to(torch.bfloat16), t, ctx, return_dict=False), args.repeat)
@@ -135,7 +135,8 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             set_attention_backend(ours, backend)
             if args.skip_eager:
                 continue
-            err = ((ours(x, t, ctx, y=y) - ref).norm() / ref.norm()).item()
+            mine = ours(x, t, ctx, y=y).float()
+            err = ((mine - ref).norm() / ref.norm()).item()
             times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
             median = statistics.median(times)
             rows.append(dict(shape=shape, impl="ours", attn=backend, seconds=median, times=times,
@@ -144,7 +145,8 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
         if shape in args.compile.split(","):
             for block in ours.blocks:
                 block.compile()
-            err = ((ours(x, t, ctx, y=y) - ref).norm() / ref.norm()).item()  # also the compile warm-up
+            mine = ours(x, t, ctx, y=y).float()  # also the compile warm-up
+            err = ((mine - ref).norm() / ref.norm()).item()
             times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
             median = statistics.median(times)
             rows.append(dict(shape=shape, impl="ours", attn=f"{backend}+compile", seconds=median, times=times,
@@ -157,14 +159,16 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             quantize_fp8(ours)
             if device == "cuda":  # inductor's CPU code generator fails on these graphs (torch 2.13)
                 compile_blocks(ours)
-            out = ours(x, t, ctx, y=y)
+            out = ours(x, t, ctx, y=y).float()
             err = ((out - ref).norm() / ref.norm()).item()
             times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
             median = statistics.median(times)
             label = f"{args.attn.split(',')[-1]}+fp8" + ("+compile" if device == "cuda" else "")
-            rows.append(dict(shape=shape, impl="ours", attn=label,
-                             seconds=median, times=times, tokens=tokens, rel_l2_vs_diffusers=err,
-                             tflops=total / median / 1e12, ratio=median / base))
+            row = dict(shape=shape, impl="ours", attn=label, seconds=median, times=times, tokens=tokens,
+                       rel_l2_vs_diffusers=err, tflops=total / median / 1e12, ratio=median / base)
+            if mine is not None:  # the target's error: against our own bf16 output
+                row["rel_l2_vs_ours_bf16"] = ((out - mine).norm() / mine.norm()).item()
+            rows.append(row)
     if device == "cuda":
         rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return rows
@@ -191,10 +195,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
-    print(f"{'shape':6} {'impl':9} {'attn':14} {'seconds':>8} {'TFLOP/s':>8} {'ratio':>6} {'rel L2':>8}")
+    print(f"{'shape':6} {'impl':9} {'attn':14} {'seconds':>8} {'TFLOP/s':>8} {'ratio':>6} {'rel L2':>8} "
+          f"{'vs bf16':>8}")
     for r in rows:
         print(f"{r['shape']:6} {r['impl']:9} {r['attn']:14} {r['seconds']:8.3f} {r['tflops']:8.1f} "
-              f"{r.get('ratio', 1.0):6.3f} {r.get('rel_l2_vs_diffusers', 0.0):8.2e}")
+              f"{r.get('ratio', 1.0):6.3f} {r.get('rel_l2_vs_diffusers', 0.0):8.2e} "
+              f"{r.get('rel_l2_vs_ours_bf16', float('nan')):8.2e}")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=2))
