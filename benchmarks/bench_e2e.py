@@ -13,7 +13,9 @@ with shift, CFG with the (low-noise, high-noise) guidance pair and the expert sw
 
 Each side makes one warm-up video (compilation, autotuning), then `--videos` timed ones; the table gives
 seconds per video, videos per hour and the ratio, and the relative L2 between the two sides' frames as a
-check that they did the same work (bf16 and two solver implementations: a few percent is expected).
+check that they did the same work (bf16 and two solver implementations: a few percent is expected). For our
+side it also splits the time into sampling (per step) and decode, and extrapolates the official setting of
+40 steps from them: GPU-seconds per video = 40 × s/step + decode. `--fp8` adds our FP8 variant.
 
     python benchmarks/bench_e2e.py --size 832x480 --frames 81 --steps 10 --videos 2 --out e2e.json
     python benchmarks/bench_e2e.py --tiny          # a CPU smoke run of the same code
@@ -39,6 +41,7 @@ import bench_vae
 
 from wan_ray.models.config import PRESETS
 from wan_ray.models.dit import compile_blocks
+from wan_ray.models.fp8 import quantize_fp8
 from wan_ray.models.vae import build_vae, to_uint8
 from wan_ray.sampling.loop import sample, seeded_noise
 from wan_ray.sampling.plan import make_plan
@@ -73,6 +76,10 @@ def diffusers_pipeline(experts: dict, vae, shift: float):
                        transformer_2=bench_dit.diffusers_twin(experts["low"]), boundary_ratio=TASK.boundary)
 
 
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(float) - b) / np.linalg.norm(b.astype(float)))
+
+
 def timed(fn, device: str) -> tuple[float, object]:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -89,6 +96,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--steps", type=int, default=10, help="sampling steps (the real default is 40)")
     p.add_argument("--videos", type=int, default=2, help="timed videos per side, after one warm-up video")
+    p.add_argument("--fp8", action="store_true", help="also time ours with FP8 linear layers (opt-in, lossy)")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64x64, 5 frames, on the CPU")
     p.add_argument("--out")
     args = p.parse_args()
@@ -115,11 +123,16 @@ def main() -> None:
         null = torch.randn(1, 96, text_dim, generator=g).to(device, torch.bfloat16)
         return seeded_noise(latent, seed).unsqueeze(0).to(device), context, null
 
+    parts: dict[str, list[float]] = {}  # our side's time per phase, per timed video
+
     @torch.no_grad()
     def ours(seed: int) -> np.ndarray:
         noise, context, null = inputs(seed)
-        video = vae.decode(sample(experts, noise, context, null, plan))  # [1, 3, F, H, W] in [-1, 1]
-        return to_uint8(video[0])
+        t_sample, latent = timed(lambda: sample(experts, noise, context, null, plan), device)
+        t_decode, frames = timed(lambda: to_uint8(vae.decode(latent)[0]), device)  # [F, H, W, 3]
+        parts.setdefault("sample", []).append(t_sample)
+        parts.setdefault("decode", []).append(t_decode)
+        return frames
 
     @torch.no_grad()
     def theirs(seed: int) -> np.ndarray:
@@ -129,28 +142,53 @@ def main() -> None:
                    guidance_scale_2=low_guide, output_type="np").frames[0]  # [F, H, W, 3] in [0, 1]
         return (np.asarray(out) * 255).round().astype(np.uint8)
 
+    def fp8_experts() -> None:
+        for model in experts.values():
+            quantize_fp8(model)  # our modules only: diffusers' twins keep the bf16 tensors
+            if device == "cuda":
+                compile_blocks(model)
+
+    sides = [("diffusers", theirs, None), ("ours", ours, None)]
+    if args.fp8:
+        sides.append(("ours+fp8", ours, fp8_experts))
     rows, videos = [], {}
-    for name, fn in (("diffusers", theirs), ("ours", ours)):
+    for name, fn, prepare in sides:
+        if prepare:
+            prepare()
         fn(0)  # warm-up
+        parts.clear()
         times = []
         for seed in range(1, args.videos + 1):
             seconds, videos[name, seed] = timed(lambda seed=seed, fn=fn: fn(seed), device)
             times.append(seconds)
-        rows.append(dict(impl=name, seconds_per_video=statistics.median(times), times=times))
+        row = dict(impl=name, seconds_per_video=statistics.median(times), times=times)
+        if parts:  # our side: per step and decode, and the official 40-step video extrapolated from them
+            per_step = statistics.median(parts["sample"]) / args.steps
+            decode = statistics.median(parts["decode"])
+            row.update(seconds_per_step=per_step, decode_seconds=decode,
+                       seconds_at_40_steps=40 * per_step + decode)
+        rows.append(row)
     base = rows[0]["seconds_per_video"]
-    rel = np.mean([np.linalg.norm(videos["ours", s].astype(float) - videos["diffusers", s])
-                   / np.linalg.norm(videos["diffusers", s].astype(float)) for s in range(1, args.videos + 1)])
+    timed_seeds = range(1, args.videos + 1)
+    mean_rel_l2 = lambda a, b: float(np.mean([rel_l2(videos[a, s], videos[b, s]) for s in timed_seeds]))
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     print(f"{width}x{height}x{frames}, {args.steps} steps, CFG, two experts; {card}")
-    print(f"{'impl':<10}{'s/video':>9}{'videos/h':>10}{'ratio':>7}")
+    print(f"{'impl':<10}{'s/video':>9}{'videos/h':>10}{'ratio':>7}{'s/step':>8}{'decode':>8}{'40 steps':>10}"
+          f"{'rel L2':>9}")
     for row in rows:
         row["ratio"] = row["seconds_per_video"] / base
+        row["frames_rel_l2_vs_diffusers"] = mean_rel_l2(row["impl"], "diffusers")
+        extra = f"{'':>26}"
+        if "seconds_per_step" in row:
+            extra = (f"{row['seconds_per_step']:>8.2f}{row['decode_seconds']:>8.2f}"
+                     f"{row['seconds_at_40_steps']:>10.1f}")
         print(f"{row['impl']:<10}{row['seconds_per_video']:>9.2f}{3600 / row['seconds_per_video']:>10.1f}"
-              f"{row['ratio']:>7.2f}")
-    print(f"frames rel L2, ours vs diffusers: {rel:.2e}")
+              f"{row['ratio']:>7.2f}{extra}{row['frames_rel_l2_vs_diffusers']:>9.2e}")
+    if args.fp8:
+        print(f"frames rel L2, ours+fp8 vs ours: {mean_rel_l2('ours+fp8', 'ours'):.2e}")
     if args.out:
         report = dict(card=card, torch=torch.__version__, size=[width, height], frames=frames,
-                      steps=args.steps, rows=rows, frames_rel_l2=float(rel))
+                      steps=args.steps, rows=rows)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
