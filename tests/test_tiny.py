@@ -14,9 +14,7 @@ from wan_ray.tiny import RELEASE_DIR, data, train
 from wan_ray.tiny.detect import accuracy, detect
 from wan_ray.tiny.evaluate import TinyPipeline, eval_prompts, evaluate, generate
 
-TARGETS = {"colour": 0.90, "background": 0.95}  # the targets that the shipped weights meet
-# Direction is learned only partly so far (docs/tiny-model.md): above chance (0.25), below the 0.85 target.
-DIRECTION_ABOVE_CHANCE = 0.30
+TARGETS = {"colour": 0.90, "direction": 0.85, "background": 0.95}  # the targets
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -107,7 +105,6 @@ def test_shipped_model_follows_prompts_including_held_out_combinations(default_r
     for subset in (default_report.accuracy(), default_report.accuracy(held_out_only=True)):
         for name, target in TARGETS.items():
             assert subset[name] >= target, (name, subset, default_report.table())
-    assert default_report.accuracy()["direction"] >= DIRECTION_ABOVE_CHANCE, default_report.table()
 
 
 @pytest.mark.parametrize("sabotage", ["no guidance", "inverted guidance", "swapped experts"])
@@ -120,7 +117,9 @@ def test_score_drops_when_guidance_or_expert_routing_is_broken(pipe, default_rep
     prompts = PROMPTS[::2]
     broken = evaluate(pipe, prompts, batch_size=12, **settings).accuracy()
     good = default_report.accuracy()
-    assert good["colour"] - broken["colour"] >= 0.5, (sabotage, broken, good)  # measured: 1.0, 0.83, 0.83
+    # measured drops (colour, direction) on these 12 prompts: (0.67, 0.92), (0.75, 0.92), (0.75, 0.42)
+    assert good["colour"] - broken["colour"] >= 0.5, (sabotage, broken, good)
+    assert good["direction"] - broken["direction"] >= 0.3, (sabotage, broken, good)
 
 
 # ------------------------------------------------------------------------------------------- training
