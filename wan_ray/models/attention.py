@@ -8,6 +8,8 @@ Every attention call in the models goes through `attention(q, k, v)` with the la
 - ``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``: SDPA restricted to one torch kernel. On an H100,
   cuDNN reaches about 570 TFLOP/s at 32k tokens against 371 for torch's flash kernel.
 - ``"fa3"``: FlashAttention-3 (`flash_attn_interface`), when it is importable.
+- ``"quantized"`` (opt-in, lossy): our Triton kernel with INT8 QKᵀ and FP8 PV
+  (`wan_ray.models.quantized_attention`); needs Triton, and a GPU with FP8 tensor cores for speed.
 
 `Attention` is a parameter-free module around the facade. It exists so that `wan_ray.parallel` can swap
 the inner attention of a block (Ulysses all-to-all) without touching the model's forward.
@@ -28,7 +30,7 @@ _SDPA_KERNELS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-BACKENDS = ("sdpa", *_SDPA_KERNELS, "fa3")
+BACKENDS = ("sdpa", *_SDPA_KERNELS, "fa3", "quantized")
 
 
 def available_backends() -> list[str]:
@@ -38,6 +40,8 @@ def available_backends() -> list[str]:
         names += ["cudnn", "flash", "efficient"]
         if importlib.util.find_spec("flash_attn_interface") is not None:
             names.append("fa3")
+        if importlib.util.find_spec("triton") is not None:
+            names.append("quantized")
     return names
 
 
@@ -48,6 +52,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
         out = flash_attn_func(q, k, v)
         return out[0] if isinstance(out, tuple) else out
+    if backend == "quantized":
+        from .quantized_attention import quantized_attention
+
+        return quantized_attention(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; accepted: {list(BACKENDS)}")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, N, L, d]
