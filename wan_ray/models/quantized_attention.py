@@ -15,8 +15,8 @@ The softmax itself is the usual online one in float32 (exp2, running maximum and
 in torch before the kernel (cheap next to attention: one pass over q, k and v); the kernel sees padded,
 contiguous 8-bit copies, so it needs no bounds checks on its loads. The kernel launch is the custom op
 `wan_ray::quantized_attention_kernel`, which torch.compile treats as one opaque call while it fuses the
-quantisation around it. On random inputs the
-output's relative L2 error against exact attention is about 4 % (`tests/test_quantized_attention.py`).
+quantisation around it. On random inputs the output's relative L2 error against exact attention is about
+4 % (`tests/test_quantized_attention.py`).
 
 Needs Triton and, for speed, a GPU with FP8 tensor cores (Hopper or newer). With ``TRITON_INTERPRET=1``
 set before import, the same kernel runs on CPU tensors through Triton's interpreter (the tests do that).
