@@ -124,34 +124,33 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
     ctx = torch.randn(1, 512, ours.config.text_dim, device=device, dtype=torch.bfloat16)
     tokens = latent[1] * latent[2] // 2 * latent[3] // 2
     total = flops(ours.config, tokens)
-    rows, mine = [], None
+    rows = []
     with torch.no_grad():
         ref = theirs(x.to(torch.bfloat16), t, ctx, return_dict=False)[0].float()
         times = time_forward(lambda: theirs(x.to(torch.bfloat16), t, ctx, return_dict=False), args.repeat)
         base = statistics.median(times)
         rows.append(dict(shape=shape, impl="diffusers", attn="sdpa", seconds=base, times=times, tokens=tokens,
                          tflops=total / base / 1e12))
-        for backend in args.attn.split(","):
-            set_attention_backend(ours, backend)
-            if args.skip_eager:
-                continue
-            mine = ours(x, t, ctx, y=y).float()
-            err = ((mine - ref).norm() / ref.norm()).item()
+        bf16 = ours(x, t, ctx, y=y).float()  # our exact bf16 output (SDPA, eager): what lossy options cost
+
+        def measure(label: str) -> None:
+            out = ours(x, t, ctx, y=y).float()  # also the warm-up (and compilation)
             times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
             median = statistics.median(times)
-            rows.append(dict(shape=shape, impl="ours", attn=backend, seconds=median, times=times,
-                             tokens=tokens, rel_l2_vs_diffusers=err, tflops=total / median / 1e12,
-                             ratio=median / base))
+            rows.append(dict(shape=shape, impl="ours", attn=label, seconds=median, times=times, tokens=tokens,
+                             rel_l2_vs_diffusers=((out - ref).norm() / ref.norm()).item(),
+                             rel_l2_vs_ours_bf16=((out - bf16).norm() / bf16.norm()).item(),
+                             tflops=total / median / 1e12, ratio=median / base))
+
+        backends = args.attn.split(",")
+        for backend in backends:
+            set_attention_backend(ours, backend)
+            if not args.skip_eager:
+                measure(backend)
         if shape in args.compile.split(","):
             for block in ours.blocks:
                 block.compile()
-            mine = ours(x, t, ctx, y=y).float()  # also the compile warm-up
-            err = ((mine - ref).norm() / ref.norm()).item()
-            times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
-            median = statistics.median(times)
-            rows.append(dict(shape=shape, impl="ours", attn=f"{backend}+compile", seconds=median, times=times,
-                             tokens=tokens, rel_l2_vs_diffusers=err, tflops=total / median / 1e12,
-                             ratio=median / base))
+            measure(f"{backends[-1]}+compile")
         if args.fp8:
             from wan_ray.models.dit import compile_blocks
             from wan_ray.models.fp8 import quantize_fp8
@@ -159,16 +158,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             quantize_fp8(ours)
             if device == "cuda":  # inductor's CPU code generator fails on these graphs (torch 2.13)
                 compile_blocks(ours)
-            out = ours(x, t, ctx, y=y).float()
-            err = ((out - ref).norm() / ref.norm()).item()
-            times = time_forward(lambda: ours(x, t, ctx, y=y), args.repeat)
-            median = statistics.median(times)
-            label = f"{args.attn.split(',')[-1]}+fp8" + ("+compile" if device == "cuda" else "")
-            row = dict(shape=shape, impl="ours", attn=label, seconds=median, times=times, tokens=tokens,
-                       rel_l2_vs_diffusers=err, tflops=total / median / 1e12, ratio=median / base)
-            if mine is not None:  # the target's error: against our own bf16 output
-                row["rel_l2_vs_ours_bf16"] = ((out - mine).norm() / mine.norm()).item()
-            rows.append(row)
+            measure(f"{backends[-1]}+fp8" + ("+compile" if device == "cuda" else ""))
     if device == "cuda":
         rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return rows
@@ -177,7 +167,8 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="480p,720p,ti2v")
-    parser.add_argument("--attn", default="sdpa,cudnn", help="our attention backends to time")
+    parser.add_argument("--attn", default="sdpa,cudnn", help="our attention backends to time (the last one "
+                        "is also the backend of the compiled and FP8 rows), e.g. cudnn or quantized")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-eager", action="store_true", help="time only the compiled variant of ours")
     parser.add_argument("--fp8", action="store_true", help="also time ours with FP8 linear layers, compiled")

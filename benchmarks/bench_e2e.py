@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_dit
 import bench_vae
 
+from wan_ray.models.attention import set_attention_backend
 from wan_ray.models.config import PRESETS
 from wan_ray.models.dit import compile_blocks
 from wan_ray.models.fp8 import quantize_fp8
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="sampling steps (the real default is 40)")
     p.add_argument("--videos", type=int, default=2, help="timed videos per side, after one warm-up video")
     p.add_argument("--fp8", action="store_true", help="also time ours with FP8 linear layers (opt-in, lossy)")
+    p.add_argument("--attn", default="sdpa", help="our attention backend (e.g. cudnn, or quantized: lossy)")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64x64, 5 frames, on the CPU")
     p.add_argument("--out")
     args = p.parse_args()
@@ -110,8 +112,9 @@ def main() -> None:
     experts = build_experts(device, args.tiny)
     vae, their_vae = build_vae_pair(device, args.tiny, dtype)
     pipe = diffusers_pipeline(experts, their_vae, shift)
-    if device == "cuda":
-        for model in experts.values():
+    for model in experts.values():
+        set_attention_backend(model, args.attn)
+        if device == "cuda":
             compile_blocks(model)
     text_dim = experts["high"].config.text_dim
     latent = (experts["high"].config.out_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
