@@ -226,6 +226,8 @@ def test_training_command_writes_a_release_that_loads(tmp_path):
     with pytest.raises(SystemExit, match="no expert named"):
         train.main(["--out", str(tmp_path / "bad"), "--init", str(out), *small, "--vae-image-steps", "0",
                     "--vae-steps", "0", "--bank", "4", "--dit-steps", "1", "--experts", "middle"])
+    with pytest.raises(SystemExit, match="come from --init"):
+        train.main(["--out", str(tmp_path / "bad"), *small, "--experts", "high"])
 
 
 def test_eval_tiny_command_prints_the_accuracy_table(capsys):

@@ -526,6 +526,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     task = get_preset(args.task)
+    unknown = set(args.experts or ()) - set(task.expert_dirs)
+    if unknown:  # checked before any work is done
+        raise SystemExit(f"--experts: no expert named {sorted(unknown)}; "
+                         f"this task has {sorted(task.expert_dirs)}")
+    if args.experts and not args.init:
+        raise SystemExit("--experts trains some experts only; the others come from --init, which is missing")
     say = lambda msg: print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
     log_file = (args.init or out) / "training_log.json"
     report: dict = json.loads(log_file.read_text()) if args.init and log_file.is_file() else {}
@@ -581,11 +587,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
         else:
             experts[name] = WanDiT(**task.dit.to_dict()).to(device)
             experts[name].init_weights()
-    unknown = set(args.experts or ()) - set(experts)
-    if unknown:
-        raise SystemExit(f"--experts: no expert named {sorted(unknown)}; this task has {sorted(experts)}")
-    if args.experts and not args.init:
-        raise SystemExit("--experts trains some experts only; the others come from --init, which is missing")
     trained = {name: experts[name] for name in args.experts or experts}
     if args.compile:
         for model in trained.values():
