@@ -110,7 +110,8 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     surrounding block; only the kernel launch is opaque."""
     len_q, len_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, N, L, d]
-    k = k.float() - k.float().mean(2, keepdim=True)  # smoothing: the softmax does not see it
+    k = k.float()
+    k = k - k.mean(2, keepdim=True)  # smoothing: the softmax does not see it
     q8, q_scale = quantize_int8_blocks(q)
     k8, k_scale = quantize_int8_blocks(k)
     vt8, v_scale = quantize_fp8_channels_transposed(v)
