@@ -15,7 +15,8 @@ Each side makes one warm-up video (compilation, autotuning), then `--videos` tim
 seconds per video, videos per hour and the ratio, and the relative L2 between the two sides' frames as a
 check that they did the same work (bf16 and two solver implementations: a few percent is expected). For our
 side it also splits the time into sampling (per step) and decode, and extrapolates the official setting of
-40 steps from them: GPU-seconds per video = 40 × s/step + decode. `--fp8` adds our FP8 variant.
+40 steps from them: GPU-seconds per video = 40 × s/step + decode. `--fp8` adds our FP8 variant;
+`--attn` picks our attention backend (e.g. `quantized`, lossy).
 
     python benchmarks/bench_e2e.py --size 832x480 --frames 81 --steps 10 --videos 2 --out e2e.json
     python benchmarks/bench_e2e.py --tiny          # a CPU smoke run of the same code

@@ -73,7 +73,7 @@ def main() -> None:
 
     rows: list[dict] = []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    dit = phase("build DiT (bf16, on the GPU)", lambda: bench_dit.build_ours("ti2v-5B", device, args.tiny),
+    dit = phase("build DiT (bf16 on a GPU)", lambda: bench_dit.build_ours("ti2v-5B", device, args.tiny),
                 device, rows)
     if args.compile:
         compile_blocks(dit)
