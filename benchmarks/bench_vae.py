@@ -1,12 +1,17 @@
 """VAE decode time and peak memory: our WanVAE21/22 against diffusers' AutoencoderKLWan, same weights.
 
     python benchmarks/bench_vae.py --cases 2.1-720p,2.2-720p --dtypes bfloat16 --out vae.json
+    python benchmarks/bench_vae.py --cases 2.1-720p --variants eager,fused   # also our uint8 decode, compiled
     python benchmarks/bench_vae.py --tiny
+
+Rows: diffusers' decode (bf16 video out), our `decode` (float32 video out) and, per `--variants`, our
+`decode_uint8` (the uint8 frames the decode stage keeps), eager or with `compile_norms`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -18,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_ray.models.vae import build_vae, vae_state_dict_to_diffusers
+from wan_ray.models.vae_blocks import compile_norms, pixels_to_uint8
 
 CASES = {  # name -> (version, latent [C, T, h, w]) for the video sizes of the benchmark
     "2.1-720p": ("2.1", (16, 21, 90, 160)),  # 1280x720, 81 frames
@@ -68,6 +74,12 @@ def measure(fn, repeat: int, device: str) -> tuple[list[float], float, torch.Ten
     return times, peak, out
 
 
+VARIANTS = {  # name -> what is applied to a fresh copy of our VAE before timing its decode_uint8
+    "eager": (),
+    "fused": (compile_norms,),
+}
+
+
 def run_case(case: str, dtype: torch.dtype, args: argparse.Namespace, device: str) -> list[dict]:
     version, latent = CASES[case]
     if args.tiny:
@@ -79,17 +91,33 @@ def run_case(case: str, dtype: torch.dtype, args: argparse.Namespace, device: st
     ours.to(device, dtype)
     theirs.to(device, dtype)
     z = torch.randn(1, *latent, device=device)
-    with torch.no_grad():
-        t_theirs, m_theirs, ref = measure(lambda: decode_theirs(theirs, z), args.repeat, device)
-        ref = ref.float().cpu()
-        t_ours, m_ours, out = measure(lambda: ours.decode(z), args.repeat, device)
-        err = ((out.float().cpu() - ref).norm() / ref.norm()).item()
     name = str(dtype).removeprefix("torch.")
-    rows = [dict(case=case, dtype=name, impl=impl, seconds=statistics.median(t), times=t, peak_gib=m,
-                 frames=out.shape[2], size=list(out.shape[-2:]))
-            for impl, t, m in (("diffusers", t_theirs, m_theirs), ("ours", t_ours, m_ours))]
-    rows[-1].update(time_ratio=rows[-1]["seconds"] / rows[-2]["seconds"],
-                    memory_ratio=(m_ours / m_theirs) if m_theirs else 0.0, rel_l2_vs_diffusers=err)
+    rows = []
+
+    def add(impl: str, fn) -> torch.Tensor:
+        times, peak, out = measure(fn, args.repeat, device)
+        out = out.cpu()
+        rows.append(dict(case=case, dtype=name, impl=impl, seconds=statistics.median(times), times=times,
+                         peak_gib=peak, frames=out.shape[1 if out.dtype == torch.uint8 else 2]))
+        if rows[0] is not rows[-1]:
+            base = rows[0]
+            rows[-1].update(time_ratio=rows[-1]["seconds"] / base["seconds"],
+                            memory_ratio=peak / base["peak_gib"] if base["peak_gib"] else 0.0)
+        return out
+
+    with torch.no_grad():
+        ref = add("diffusers", lambda: decode_theirs(theirs, z)).float()
+        out = add("ours", lambda: ours.decode(z))
+        rows[-1]["rel_l2_vs_diffusers"] = ((out.float() - ref).norm() / ref.norm()).item()
+        ref_frames = pixels_to_uint8(ref).float()
+        for variant in args.variants.split(","):
+            torch._dynamo.reset()  # each variant compiles afresh: no graphs of an earlier case count
+            model = copy.deepcopy(ours)
+            for speed_up in VARIANTS[variant]:
+                speed_up(model)
+            frames = add(f"ours uint8 {variant}", lambda model=model: model.decode_uint8(z)).float()
+            rows[-1]["rel_l2_vs_diffusers"] = ((frames - ref_frames).norm() / ref_frames.norm()).item()
+            del model
     return rows
 
 
@@ -98,6 +126,8 @@ def main() -> None:
     parser.add_argument("--cases", default="2.1-720p,2.2-720p")
     parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--variants", default="eager", help=f"our decode_uint8 variants to time, of "
+                        f"{list(VARIANTS)} (fused = compile_norms)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -110,10 +140,10 @@ def main() -> None:
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
-    print(f"{'case':9} {'dtype':9} {'impl':9} {'seconds':>8} {'peak GiB':>9} {'t ratio':>7} {'m ratio':>7} "
+    print(f"{'case':9} {'dtype':9} {'impl':32} {'seconds':>8} {'peak GiB':>9} {'t ratio':>7} {'m ratio':>7} "
           f"{'rel L2':>8}")
     for r in rows:
-        print(f"{r['case']:9} {r['dtype']:9} {r['impl']:9} {r['seconds']:8.3f} {r['peak_gib']:9.2f} "
+        print(f"{r['case']:9} {r['dtype']:9} {r['impl']:32} {r['seconds']:8.3f} {r['peak_gib']:9.2f} "
               f"{r.get('time_ratio', 1.0):7.3f} {r.get('memory_ratio', 1.0):7.3f} "
               f"{r.get('rel_l2_vs_diffusers', 0):8.2e}")
     if args.out:

@@ -74,3 +74,16 @@ def test_saved_mp4_decodes_to_the_frames(releases, tmp_path):
     video = gen.generate("a blue dog", frames=5, seed=3)
     info = probe_mp4(video.save(tmp_path / "v.mp4").read_bytes())
     assert (info["frames"], info["width"], info["height"], info["codec"]) == (5, SIZE, SIZE, "h264")
+
+
+def test_attention_backend_reaches_every_expert_and_bad_names_are_errors(releases):
+    request = dict(frames=5, seed=0, steps=4)
+    default = wan_ray.Generator(releases["t2v"], device="cpu").generate("a red cat", **request)
+    gen = wan_ray.Generator(releases["t2v"], device="cpu", attention="math")
+    backends = {m.backend for d in gen.denoisers for m in d.model.modules() if hasattr(m, "backend")}
+    assert backends == {"math"}
+    video = gen.generate("a red cat", **request)
+    # another exact kernel: the same video up to float rounding
+    assert np.abs(video.frames.astype(int) - default.frames.astype(int)).max() <= 2
+    with pytest.raises(ValueError, match=r"unknown attention backend 'sage'; accepted: \[.*'quantized'\]"):
+        wan_ray.Generator(releases["t2v"], device="cpu", attention="sage")

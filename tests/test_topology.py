@@ -30,6 +30,9 @@ def test_8xh100_uses_exactly_eight_gpus_per_model_kind():
     ({"stages": {"denoise_high": {"gang_size": 1, "cfg_parallel": True}}}, "even gang_size"),
     ({"stages": {"decode": {"gang_size": 2}}}, "denoise stages"),
     ({"stages": {"decode": {"replicas": {"min": 3, "max": 2}}}}, "above max"),
+    ({"stages": {"denoise_low": {"attention": "sage"}}}, r"attention must be one of \[.*'quantized'\]"),
+    ({"stages": {"decode": {"attention": "cudnn"}}}, "attention are for denoise stages"),
+    ({"stages": {"denoise_high": {"gang_size": 2, "attention": "quantized"}}}, "single-GPU replicas"),
 ])
 def test_malformed_topologies_are_errors(data, match):
     with pytest.raises(TopologyError, match=match):

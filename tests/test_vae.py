@@ -13,11 +13,13 @@ from wan_ray.models.vae import (
     WanVAE21,
     WanVAE22,
     build_vae,
+    compile_norms,
+    to_uint8,
     vae_config_from_diffusers,
     vae_state_dict_from_diffusers,
     vae_state_dict_to_diffusers,
 )
-from wan_ray.models.vae_blocks import CausalConv3d
+from wan_ray.models.vae_blocks import CausalConv3d, RMSNorm
 
 # Tiny configs with the released structure (4 stages, 2 res blocks, temporal flags) and made-up statistics.
 _ARCH = dict(dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
@@ -169,12 +171,32 @@ def test_cache_keeps_only_two_owned_frames(version):
     with torch.no_grad():
         for part, chunks in runs:
             cache = CausalCache()
+            full = {}  # layer -> address of its cache once it holds two frames
             for chunk in chunks:
                 part(chunk, cache)
                 cache.first_chunk = False
                 kept = list(cache.frames.values())
                 assert kept and all(t.shape[2] <= 2 for t in kept)
                 assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in kept)
+                # a full cache is updated in place: the decoder's one-frame chunks allocate no new cache
+                for layer, frames in cache.frames.items():
+                    if layer in full and isinstance(layer, CausalConv3d):
+                        assert frames.data_ptr() == full[layer]
+                    if frames.shape[2] == 2:
+                        full[layer] = frames.data_ptr()
+            assert full
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_decode_uint8_is_decode_then_to_uint8(version):
+    vae = tiny_vae(version)
+    _, latent = inputs(version, batch=2)
+    with torch.no_grad():
+        frames = vae.decode_uint8(latent)  # [B, F, H, W, 3]
+        video = vae.decode(latent)  # [B, 3, F, H, W]
+    assert frames.dtype == torch.uint8 and frames.shape == (2, 9, *video.shape[3:], 3)
+    for b in range(2):
+        assert (frames[b].numpy() == to_uint8(video[b])).all()
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
@@ -357,3 +379,16 @@ def test_a_single_frame_encodes_to_the_first_latent_frame_of_its_clip(version):
         together = vae.encode(clip)
     assert alone.shape[2] == 1
     assert torch.allclose(alone, together[:, :, :1], atol=1e-5)
+
+
+def test_compiled_norms_decode_the_same_video():
+    """compile_norms fuses each RMSNorm with its SiLU (torch.compile, dynamic shapes): the same values."""
+    vae = tiny_vae("2.1")
+    _, latent = inputs("2.1")
+    with torch.no_grad():
+        eager = vae.decode(latent)
+        compile_norms(vae)
+        compiled = vae.decode(latent)
+    torch.testing.assert_close(compiled, eager, rtol=0.0, atol=1e-5)
+    norms = [m for m in vae.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(m._compiled_call_impl is not None for m in norms)

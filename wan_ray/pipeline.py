@@ -47,12 +47,14 @@ class Generator:
     on the GPU (the others wait on the CPU), `t5_cpu` runs the text encoder on the CPU; weights are always
     converted to the compute `dtype` as they load (default bf16 on a GPU, float32 on a CPU). `fp8` swaps
     the experts' big projections for FP8 ones, and `step_cache` skips their blocks on steps whose input barely
-    changed (both lossy and opt-in: `wan_ray.models.fp8`, `wan_ray.sampling.cache`).
+    changed (both lossy and opt-in: `wan_ray.models.fp8`, `wan_ray.sampling.cache`); `attention` picks the
+    experts' attention backend (`wan_ray.models.attention`; "quantized" is lossy and opt-in).
     """
 
     def __init__(self, model: str | Path | Checkpoint = "tiny", *, device: str | None = None,
                  dtype: torch.dtype | None = None, offload_model: bool = False, t5_cpu: bool = False,
-                 batched_cfg: bool = True, fp8: bool = False, step_cache: float | None = None):
+                 batched_cfg: bool = True, fp8: bool = False, step_cache: float | None = None,
+                 attention: str | None = None):
         self.checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
         self.task = self.checkpoint.task
         self.device = device or default_device()
@@ -63,7 +65,8 @@ class Generator:
         self.image = ImageEncoder(self.checkpoint, self.device) if self.task.dit.model_type != "t2v" else None
         expert_device = "cpu" if self.offload_model else self.device
         self.denoisers = [Denoiser(self.checkpoint, name, expert_device, dtype, batched_cfg=batched_cfg,
-                                   fp8=fp8, step_cache=step_cache) for name in self.checkpoint.experts]
+                                   fp8=fp8, step_cache=step_cache, attention=attention)
+                          for name in self.checkpoint.experts]
         self.decoder = Decoder(self.checkpoint, self.device)
 
     def request(self, prompt: str, **fields: Any) -> Request:

@@ -27,12 +27,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .vae21 import LATENTS_MEAN_21, LATENTS_STD_21, WanVAE21
 from .vae22 import LATENTS_MEAN_22, LATENTS_STD_22, WanVAE22
-from .vae_blocks import CausalCache, WanVAE
+from .vae_blocks import CausalCache, WanVAE, compile_norms, pixels_to_uint8
 
 __all__ = [
     "LATENTS_MEAN_21",
@@ -45,6 +44,8 @@ __all__ = [
     "WanVAE21",
     "WanVAE22",
     "build_vae",
+    "compile_norms",
+    "pixels_to_uint8",
     "vae_config_from_diffusers",
     "vae_state_dict_from_diffusers",
     "vae_state_dict_to_diffusers",
@@ -161,8 +162,7 @@ def _indices(sd: Mapping[str, Tensor], pattern: str) -> list[int]:
 def to_uint8(video: Tensor) -> np.ndarray:
     """A decoded video [3, F, H, W] in [-1, 1] -> frames [F, H, W, 3] uint8, truncating like the official
     writer."""
-    pixels = (video.float().clamp(-1, 1) + 1) / 2 * 255
-    return pixels.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
+    return pixels_to_uint8(video).cpu().numpy()
 
 
 def vae_state_dict_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ files, devices or the DiT: it maps pixels to normalised latents and back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,11 +33,22 @@ class CausalCache:
     frames: dict[nn.Module, Tensor] = field(default_factory=dict)
 
 
-def _trailing_frames(past: Tensor | None, x: Tensor, n: int) -> Tensor:
-    """The last `n` frames of the stream `past ++ x`, as a copy (a view would keep the whole chunk alive)."""
-    if past is not None and x.shape[2] < n:
-        return torch.cat([past[:, :, x.shape[2] - n :], x], dim=2)
-    return x[:, :, -n:].clone()
+def _remember_trailing_frames(cache: CausalCache, layer: nn.Module, past: Tensor | None, x: Tensor,
+                              n: int) -> None:
+    """Store the last `n` frames of the stream `past ++ x` as `layer`'s cached frames.
+
+    Once the cache holds `n` frames it is updated in place (shifted, then overwritten), so a chunk of one
+    frame, as the decoder's per-frame stages see, allocates nothing here; a new tensor is made only while
+    the cache is filling up. Call it after `past` has been read: it may change `past`.
+    """
+    t = x.shape[2]
+    if past is None or past.shape[2] < n:
+        frames = x[:, :, -n:] if past is None else torch.cat([past, x], dim=2)[:, :, -n:]
+        cache.frames[layer] = frames.clone()  # a copy: a view would keep the whole chunk alive
+        return
+    for i in range(n - t):  # front to back: each frame is read before it is overwritten
+        past[:, :, i] = past[:, :, i + t]
+    past[:, :, max(n - t, 0) :] = x[:, :, -n:]
 
 
 class CausalConv3d(nn.Conv3d):
@@ -55,15 +66,15 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         if self.time_pad:
-            past = None
-            if cache is not None:
-                past = cache.frames.get(self)
-                cache.frames[self] = _trailing_frames(past, x, self.time_pad)
+            past = None if cache is None else cache.frames.get(self)
             front = [] if past is None else [past]
             missing = self.time_pad - (0 if past is None else past.shape[2])
             if missing:
                 front.insert(0, x.new_zeros(x.shape[0], x.shape[1], missing, *x.shape[3:]))
-            x = torch.cat([*front, x], dim=2)  # [B, C, time_pad + T, H, W]
+            padded = torch.cat([*front, x], dim=2)  # [B, C, time_pad + T, H, W]
+            if cache is not None:
+                _remember_trailing_frames(cache, self, past, x, self.time_pad)
+            x = padded
         return super().forward(x)
 
 
@@ -76,8 +87,10 @@ class RMSNorm(nn.Module):
         # [C, 1, 1, 1] for [B, C, T, H, W] tensors, [C, 1, 1] for the per-frame [B·T, C, H, W] of attention.
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """The norm, followed by SiLU when `silu` (one op for `compile_norms` to fuse into one kernel)."""
+        x = F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.silu(x) if silu else x
 
 
 class Upsample2x(nn.Module):
@@ -136,15 +149,6 @@ class Resample(nn.Module):
         return x
 
 
-def _apply(layer: nn.Module, x: Tensor, cache: CausalCache) -> Tensor:
-    """One layer of an official nn.Sequential: causal convs get the cache, norms and activations don't.
-
-    Callers loop `x = _apply(layer, x, cache)`, so each activation is freed as soon as the next exists
-    (nesting the calls would keep every intermediate of the chain alive: +1 full tensor at peak).
-    """
-    return layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-
-
 class ResidualBlock(nn.Module):
     """(RMSNorm, SiLU, causal 3×3×3 conv) twice, plus a 1×1×1 conv shortcut when the width changes."""
 
@@ -162,9 +166,13 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        h = x
-        for layer in self.residual:
-            h = _apply(layer, h, cache)
+        norm1, _, conv1, norm2, _, dropout, conv2 = self.residual  # the official layout; SiLUs fused below
+        # Step by step, rebinding h: each activation is freed as soon as the next exists (a nested call
+        # would keep the first conv's output alive through the second conv: +1 tensor at the memory peak).
+        h = norm1(x, silu=True)
+        h = conv1(h, cache)
+        h = dropout(norm2(h, silu=True))
+        h = conv2(h, cache)
         return h + self.shortcut(x)
 
 
@@ -203,6 +211,11 @@ def _head(dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
+def _apply_head(head: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+    norm, _, conv = head
+    return conv(norm(x, silu=True), cache)
+
+
 class Encoder3d(nn.Module):
     """conv1 → down path → middle (res, attention, res) → head. The down path is built by the VAE version."""
 
@@ -218,9 +231,7 @@ class Encoder3d(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        for layer in self.head:
-            x = _apply(layer, x, cache)
-        return x
+        return _apply_head(self.head, x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -250,9 +261,14 @@ class Decoder3d(nn.Module):
     def _tail(self, x: Tensor, cache: CausalCache) -> Tensor:
         for block in self.upsamples[self.per_frame_from:]:
             x = block(x, cache)
-        for layer in self.head:
-            x = _apply(layer, x, cache)
-        return x
+        return _apply_head(self.head, x, cache)
+
+
+def pixels_to_uint8(video: Tensor) -> Tensor:
+    """Pixels [..., 3, F, H, W] in [-1, 1] → frames [..., F, H, W, 3] uint8, truncating like the official
+    writer (computed in float32, whatever the input's dtype)."""
+    pixels = (video.float().clamp(-1, 1) + 1) / 2 * 255
+    return pixels.movedim(-4, -1).to(torch.uint8)
 
 
 def check_architecture(dim_mult: Sequence[int], temperal_downsample: Sequence[bool],
@@ -338,22 +354,45 @@ class WanVAE(nn.Module):
 
     def decode(self, latent: Tensor) -> Tensor:
         """Normalised latent [B, z, T, h, w] → video [B, 3, 4(T-1)+1, h·s, w·s] in [-1, 1] (float32)."""
+        video = None
+        for start, frames in self._decoded_chunks(latent):  # frames [B, 3, 1 or 4, H, W]
+            if video is None:
+                video = frames.new_empty(*frames.shape[:2], self._num_frames(latent), *frames.shape[3:],
+                                         dtype=torch.float32)
+            video[:, :, start : start + frames.shape[2]] = frames
+        return video
+
+    def decode_uint8(self, latent: Tensor) -> Tensor:
+        """Normalised latent [B, z, T, h, w] → frames [B, 4(T-1)+1, H, W, 3] uint8, on the latent's device.
+
+        The same video as `decode`, converted chunk by chunk, so the float32 video never exists: a quarter
+        of the output memory, and of what a copy to the host moves.
+        """
+        video = None
+        for start, frames in self._decoded_chunks(latent):
+            frames = pixels_to_uint8(frames)  # [B, 1 or 4, H, W, 3]
+            if video is None:
+                video = frames.new_empty(frames.shape[0], self._num_frames(latent), *frames.shape[2:])
+            video[:, start : start + frames.shape[1]] = frames
+        return video
+
+    def _num_frames(self, latent: Tensor) -> int:
+        return 4 * (latent.shape[2] - 1) + 1
+
+    def _decoded_chunks(self, latent: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """(first frame index, pixels [B, 3, 1 or 4, H, W] clamped to [-1, 1]) for each latent frame."""
         self._check_latent(latent)
         mean, std = self._stats(latent.device)
         z = latent.float() / (1.0 / std) + mean
         x = self.conv2(z.to(self.conv2.weight.dtype))  # [B, z, T, h, w]
-        b, _, t, h, w = x.shape
-        s = self.spatial_stride
-        video = torch.empty(b, 3, 4 * (t - 1) + 1, h * s, w * s, dtype=torch.float32, device=x.device)
         cache = CausalCache()
         start = 0
-        for i in range(t):
+        for i in range(x.shape[2]):
             # Only this chunk's frames (1, then 4) and the cache's trailing frames are alive here.
-            frames = self.unpack(self.decoder(x[:, :, i : i + 1], cache))  # [B, 3, 1 or 4, H, W]
-            video[:, :, start : start + frames.shape[2]] = frames.clamp(-1, 1)
+            frames = self.unpack(self.decoder(x[:, :, i : i + 1], cache)).clamp(-1, 1)
+            yield start, frames
             start += frames.shape[2]
             cache.first_chunk = False
-        return video
 
     def _check_video(self, video: Tensor) -> None:
         name = f"VAE {self.version} encode"
@@ -375,6 +414,15 @@ class WanVAE(nn.Module):
             shape = tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__
             raise ValueError(f"VAE {self.version} decode expects a latent [B, {z}, T, h, w] with T >= 1, "
                              f"got {shape}")
+
+
+def compile_norms(vae: WanVAE) -> WanVAE:
+    """`torch.compile` every RMSNorm (with its SiLU): one kernel instead of five memory-bound passes over
+    the decoder's largest activations. One graph with dynamic shapes serves every norm of every stage."""
+    for module in vae.modules():
+        if isinstance(module, RMSNorm):
+            module.compile(dynamic=True)
+    return vae
 
 
 def official_stats_or(given: Sequence[float] | None, official: Sequence[float], z_dim: int,

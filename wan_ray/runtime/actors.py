@@ -59,7 +59,7 @@ class StageRecipe:
         if self.stage.startswith("denoise_"):
             expert = self.stage.removeprefix("denoise_")
             stage = Denoiser(checkpoint, expert, device, dtype, fp8=self.spec.fp8,
-                             step_cache=self.spec.step_cache)
+                             step_cache=self.spec.step_cache, attention=self.spec.attention)
         else:
             kind = {"text_encode": TextEncoder, "image_encode": ImageEncoder, "decode": Decoder}[self.stage]
             stage = kind(checkpoint, device, dtype)

@@ -11,7 +11,8 @@ silently ignored. Per stage:
   parallelism), `cfg_parallel` (conditional and unconditional passes on two halves of the gang) and
   `shard_weights` (FSDP-style sharding of the expert's weights across the gang's ranks); and two opt-in,
   lossy accelerations: `fp8` (FP8 linear layers, `wan_ray.models.fp8`) and `step_cache` (a threshold for
-  skipping the blocks on steps whose input barely changed, `wan_ray.sampling.cache`).
+  skipping the blocks on steps whose input barely changed, `wan_ray.sampling.cache`); and `attention`, the
+  experts' attention backend (`wan_ray.models.attention`: e.g. `cudnn`, or `quantized`, lossy and opt-in).
 
 Stage names are those of `wan_ray.stages`: `text_encode`, `image_encode`, `denoise_high`, `denoise_low`,
 `denoise_single`, `decode`, `write`. A stage the topology does not name gets the `defaults`.
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..models.attention import BACKENDS
 from ..models.config import TaskSpec
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "topologies"  # configs/topologies
@@ -64,6 +66,8 @@ class StageSpec(_Strict):
     fp8: bool = Field(False, description="denoise only: FP8 linear layers (lossy, opt-in; gang_size 1)")
     step_cache: float | None = Field(None, ge=0, description="denoise only: step-caching threshold (lossy, "
                                      "opt-in; gang_size 1)")
+    attention: str | None = Field(None, description="denoise only: attention backend, e.g. cudnn, or "
+                                  "quantized (lossy, opt-in); gang_size 1")
     dtype: str | None = Field(None, description="compute dtype: bfloat16, float16 or float32")
 
     @model_validator(mode="after")
@@ -74,6 +78,8 @@ class StageSpec(_Strict):
             raise ValueError(f"cfg_parallel needs an even gang_size, got {self.gang_size}")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.attention is not None and self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {list(BACKENDS)}, got {self.attention!r}")
         return self
 
     @property
@@ -102,13 +108,13 @@ class Topology(_Strict):
             raise ValueError(f"unknown stages {sorted(unknown)}; stages are {list(STAGES)}")
         for name, spec in self.stages.items():
             gang = spec.gang_size > 1 or spec.cfg_parallel or spec.shard_weights
-            lossy = spec.fp8 or spec.step_cache
-            if (gang or lossy) and not name.startswith("denoise"):
-                raise ValueError(f"{name}: gang_size, cfg_parallel, shard_weights, fp8 and step_cache are "
-                                 "for denoise stages")
-            if lossy and spec.gang_size > 1:
-                raise ValueError(f"{name}: fp8 and step_cache run on single-GPU replicas (gang_size 1) for "
-                                 "now")
+            per_replica = spec.fp8 or spec.step_cache or spec.attention
+            if (gang or per_replica) and not name.startswith("denoise"):
+                raise ValueError(f"{name}: gang_size, cfg_parallel, shard_weights, fp8, step_cache and "
+                                 "attention are for denoise stages")
+            if per_replica and spec.gang_size > 1:
+                raise ValueError(f"{name}: fp8, step_cache and attention run on single-GPU replicas "
+                                 "(gang_size 1) for now")
         return self
 
     def stage(self, name: str) -> StageSpec:

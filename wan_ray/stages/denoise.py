@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..models.attention import set_attention_backend
 from ..models.checkpoint import Checkpoint
 from ..models.dit import WanDiT, compile_blocks
 from ..models.fp8 import quantize_fp8
@@ -28,7 +29,8 @@ class Denoiser(Stage):
     def __init__(self, checkpoint: Checkpoint, expert: str, device: str | None = None,
                  dtype: torch.dtype | None = None, *, model: torch.nn.Module | None = None,
                  batched_cfg: bool = True, progress: Progress | None = None, gpus: float | None = None,
-                 compile: bool | None = None, fp8: bool = False, step_cache: float | None = None):
+                 compile: bool | None = None, fp8: bool = False, step_cache: float | None = None,
+                 attention: str | None = None):
         self.task = checkpoint.task
         self.expert = expert
         self.name = f"denoise_{expert}"
@@ -38,6 +40,8 @@ class Denoiser(Stage):
             model = checkpoint.load_expert(expert, device, dtype)
             if fp8:  # opt-in, lossy: docs/benchmarks.md gives its error
                 quantize_fp8(model)
+            if attention:  # e.g. "quantized": opt-in, lossy (docs/benchmarks.md)
+                set_attention_backend(model, attention)
             if step_cache:  # opt-in, lossy: skips the blocks on steps whose input barely changed
                 apply_step_cache(model, step_cache)
             if compile if compile is not None else device.startswith("cuda"):
