@@ -1,13 +1,16 @@
 """Quality cost of the opt-in lossy accelerations, on the bundled tiny model's prompt following.
 
 Generates the evaluation prompts (the held-out combinations plus seen ones) with the experts as shipped
-(float32), then with each variant of them: bf16 weights, FP8 linear layers over bf16, and step caching at
+(float32), then with each variant of them: bf16 weights, FP8 linear layers over bf16, our quantized
+attention kernel (INT8 QKᵀ, FP8 PV) over bf16, alone and with FP8 linear layers, and step caching at
 several thresholds. For each it prints the detector's accuracy per attribute, the PSNR of the frames against
 the float32 videos of the same seeds, and for step caching the share of expert forwards skipped.
 
     python benchmarks/tiny_quality.py [--seen 12] [--json benchmarks/results/tiny_quality.json]
+    TRITON_INTERPRET=1 python benchmarks/tiny_quality.py --variants bf16 quantized "fp8+quantized"
 
-CPU is enough (FP8 matmuls run on CPU too); the figures in docs/benchmarks.md come from this script.
+CPU is enough (FP8 matmuls run on CPU too; the quantized attention kernel runs through Triton's interpreter
+when TRITON_INTERPRET=1 is set, slowly); the figures in docs/benchmarks.md come from this script.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wan_ray.models.attention import set_attention_backend
 from wan_ray.models.dit import cast_dit
 from wan_ray.models.fp8 import quantize_fp8
 from wan_ray.sampling.cache import CachedStack, apply_step_cache
@@ -39,10 +43,17 @@ def variants(thresholds: list[float]) -> dict[str, Variant]:
         "float32 (shipped)": lambda m: m,
         "bf16": lambda m: cast_dit(m, torch.bfloat16),
         "fp8 (over bf16)": lambda m: quantize_fp8(cast_dit(m, torch.bfloat16)),
+        "quantized attention (over bf16)": lambda m: quantized(cast_dit(m, torch.bfloat16)),
+        "fp8+quantized (over bf16)": lambda m: quantized(quantize_fp8(cast_dit(m, torch.bfloat16))),
     }
     for t in thresholds:
         out[f"step cache {t:g}"] = lambda m, t=t: apply_step_cache(m, t)
     return out
+
+
+def quantized(model: nn.Module) -> nn.Module:
+    set_attention_backend(model, "quantized")
+    return model
 
 
 def psnr(videos: np.ndarray, reference: np.ndarray) -> float:
@@ -54,6 +65,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seen", type=int, default=12)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--variants", nargs="+", help="only the variants whose names contain one of these words "
+                   "(the float32 reference always runs first)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -62,9 +75,11 @@ def main() -> None:
     captions, seeds = [c for c, _ in prompts], [s for _, s in prompts]
     expected = [data.parse_caption(c) for c in captions]
     rows, reference = [], None
-    print(f"{'variant':<20}{'colour':>8}{'direction':>11}{'background':>12}{'shape':>8}{'PSNR dB':>9}"
+    print(f"{'variant':<32}{'colour':>8}{'direction':>11}{'background':>12}{'shape':>8}{'PSNR dB':>9}"
           f"{'skipped':>9}{'s/video':>9}")
     for name, make in variants(args.thresholds).items():
+        if reference is not None and args.variants and not any(word in name for word in args.variants):
+            continue
         experts = {k: make(copy.deepcopy(m)) for k, m in pipe.experts.items()}
         start = time.perf_counter()
         videos = generate(pipe, captions, seeds, experts=experts)  # one batch: one cache state per run
@@ -78,7 +93,7 @@ def main() -> None:
         row = {"variant": name, **acc, "psnr_db": None if quality == float("inf") else round(quality, 2),
                "skipped": round(skipped, 3), "seconds_per_video": round(seconds, 3)}
         rows.append(row)
-        print(f"{name:<20}{acc['colour']:>8.1%}{acc['direction']:>11.1%}{acc['background']:>12.1%}"
+        print(f"{name:<32}{acc['colour']:>8.1%}{acc['direction']:>11.1%}{acc['background']:>12.1%}"
               f"{acc['shape']:>8.1%}{quality:>9.2f}{skipped:>9.1%}{seconds:>9.2f}", flush=True)
     if args.json:
         machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -206,6 +206,12 @@ def test_the_text_encoder_encodes_each_distinct_text_once_per_job(release):
     assert len(encoded) == 3
 
 
+def test_a_denoise_recipe_builds_its_expert_with_the_topology_attention_backend(release):
+    stage = StageRecipe("denoise_high", release, StageSpec(attention="math")).build()
+    backends = {m.backend for m in stage.model.modules() if hasattr(m, "backend")}
+    assert backends == {"math"}
+
+
 def torch_equal(a, b):
     return a.shape == b.shape and bool((a == b).all())
 
