@@ -5,7 +5,8 @@
     python benchmarks/bench_vae.py --tiny
 
 Rows: diffusers' decode (bf16 video out), our `decode` (float32 video out) and, per `--variants`, our
-`decode_uint8` (the uint8 frames the decode stage keeps), eager or with `compile_norms`.
+`decode_uint8` (the uint8 frames the decode stage keeps), eager, with `compile_norms` (fused) and/or with
+`fold_time_into_channels` (folded).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_ray.models.vae import build_vae, vae_state_dict_to_diffusers
-from wan_ray.models.vae_blocks import compile_norms, pixels_to_uint8
+from wan_ray.models.vae_blocks import compile_norms, fold_time_into_channels, pixels_to_uint8
 
 CASES = {  # name -> (version, latent [C, T, h, w]) for the video sizes of the benchmark
     "2.1-720p": ("2.1", (16, 21, 90, 160)),  # 1280x720, 81 frames
@@ -77,6 +78,8 @@ def measure(fn, repeat: int, device: str) -> tuple[list[float], float, torch.Ten
 VARIANTS = {  # name -> what is applied to a fresh copy of our VAE before timing its decode_uint8
     "eager": (),
     "fused": (compile_norms,),
+    "folded": (fold_time_into_channels,),
+    "fused+folded": (compile_norms, fold_time_into_channels),
 }
 
 

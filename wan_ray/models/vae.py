@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .vae21 import LATENTS_MEAN_21, LATENTS_STD_21, WanVAE21
 from .vae22 import LATENTS_MEAN_22, LATENTS_STD_22, WanVAE22
-from .vae_blocks import CausalCache, WanVAE, compile_norms, pixels_to_uint8
+from .vae_blocks import CausalCache, WanVAE, compile_norms, fold_time_into_channels, pixels_to_uint8
 
 __all__ = [
     "LATENTS_MEAN_21",
@@ -45,6 +45,7 @@ __all__ = [
     "WanVAE22",
     "build_vae",
     "compile_norms",
+    "fold_time_into_channels",
     "pixels_to_uint8",
     "vae_config_from_diffusers",
     "vae_state_dict_from_diffusers",

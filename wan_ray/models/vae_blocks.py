@@ -56,7 +56,13 @@ class CausalConv3d(nn.Conv3d):
 
     `padding=(pt, ph, pw)` pads height and width symmetrically but time only in front, by 2·pt frames: the
     cached frames of the previous chunk when there are any, zeros for whatever is missing.
+
+    With `fold_time` (set by `fold_time_into_channels`), a call that makes one output frame, as every call
+    of the decoder's per-frame stages does, runs as a 2-D conv over the input frames folded into channels:
+    the same sums, a view of the same memory, and cuDNN's 2-D kernels instead of its 3-D ones.
     """
+
+    fold_time = False
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0) -> None:
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
@@ -75,22 +81,44 @@ class CausalConv3d(nn.Conv3d):
             if cache is not None:
                 _remember_trailing_frames(cache, self, past, x, self.time_pad)
             x = padded
+        if self.fold_time and x.shape[2] == self.kernel_size[0]:
+            return self._one_frame_as_conv2d(x)
         return super().forward(x)
+
+    def _one_frame_as_conv2d(self, x: Tensor) -> Tensor:
+        b, c, t, h, w = x.shape
+        # [B, C, kt, H, W] -> [B, C·kt, H, W]: channel c·kt + j is frame j of channel c, as in the weight
+        weight = self.weight.reshape(self.out_channels, c * t, *self.kernel_size[1:])
+        out = F.conv2d(x.reshape(b, c * t, h, w), weight, self.bias, self.stride[1:], self.padding[1:])
+        return out.unsqueeze(2)  # [B, C', 1, H', W']
+
+
+def _rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
+    x = F.normalize(x, dim=1) * x.shape[1] ** 0.5 * gamma
+    return F.silu(x) if silu else x
+
+
+# One compiled function for every RMSNorm of a model (see `compile_norms`), with dynamic shapes.
+_compiled_rms_norm = torch.compile(_rms_norm, dynamic=True)
 
 
 class RMSNorm(nn.Module):
     """The VAE's RMS norm: L2-normalise over channels (dim 1), times sqrt(C) and a per-channel gain."""
 
+    compiled = False  # set by `compile_norms`
+
     def __init__(self, dim: int, spatial_dims: int = 3) -> None:
         super().__init__()
-        self.scale = dim**0.5
         # [C, 1, 1, 1] for [B, C, T, H, W] tensors, [C, 1, 1] for the per-frame [B·T, C, H, W] of attention.
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """The norm, followed by SiLU when `silu` (one op for `compile_norms` to fuse into one kernel)."""
-        x = F.normalize(x, dim=1) * self.scale * self.gamma
-        return F.silu(x) if silu else x
+        if self.compiled:
+            # The gain as a plain tensor: a Parameter's shape would be a guard, one graph per width, and
+            # torch.compile stops recompiling (falls back to eager) after 8. Inference only.
+            return _compiled_rms_norm(x, self.gamma.detach(), silu)
+        return _rms_norm(x, self.gamma, silu)
 
 
 class Upsample2x(nn.Module):
@@ -417,11 +445,20 @@ class WanVAE(nn.Module):
 
 
 def compile_norms(vae: WanVAE) -> WanVAE:
-    """`torch.compile` every RMSNorm (with its SiLU): one kernel instead of five memory-bound passes over
-    the decoder's largest activations. One graph with dynamic shapes serves every norm of every stage."""
+    """`torch.compile` every RMSNorm (with its SiLU), for inference: one kernel instead of five memory-bound
+    passes over the decoder's largest activations. A few graphs with dynamic shapes serve every norm."""
     for module in vae.modules():
         if isinstance(module, RMSNorm):
-            module.compile(dynamic=True)
+            module.compiled = True
+    return vae
+
+
+def fold_time_into_channels(vae: WanVAE) -> WanVAE:
+    """Run each causal conv that makes one output frame as a 2-D conv (see `CausalConv3d`); same values.
+    Not yet timed on a GPU, so nothing applies it by default (`benchmarks/bench_vae.py --variants folded`)."""
+    for module in vae.modules():
+        if isinstance(module, CausalConv3d):
+            module.fold_time = True
     return vae
 
 
