@@ -12,7 +12,8 @@ files, devices or the DiT: it maps pixels to normalised latents and back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,8 +99,11 @@ def _rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
     return F.silu(x) if silu else x
 
 
-# One compiled function for every RMSNorm of a model (see `compile_norms`), with dynamic shapes.
-_compiled_rms_norm = torch.compile(_rms_norm, dynamic=True)
+@functools.cache
+def _compiled_rms_norm() -> Callable[[Tensor, Tensor, bool], Tensor]:
+    """One compiled function for every RMSNorm (see `compile_norms`), with dynamic shapes; made on first use,
+    so that importing the models does not import the compiler."""
+    return torch.compile(_rms_norm, dynamic=True)
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +121,7 @@ class RMSNorm(nn.Module):
         if self.compiled:
             # The gain as a plain tensor: a Parameter's shape would be a guard, one graph per width, and
             # torch.compile stops recompiling (falls back to eager) after 8. Inference only.
-            return _compiled_rms_norm(x, self.gamma.detach(), silu)
+            return _compiled_rms_norm()(x, self.gamma.detach(), silu)
         return _rms_norm(x, self.gamma, silu)
 
 
