@@ -21,7 +21,7 @@ class Decoder(Stage):
         device = device or default_device()
         self.vae = checkpoint.load_vae(device, dtype)
         if compile if compile is not None else device.startswith("cuda"):
-            compile_norms(self.vae)  # fused norm + SiLU kernels: 0.95x -> 0.89x diffusers' decode time
+            compile_norms(self.vae)  # fused norm + SiLU: 0.95x -> 0.89x diffusers (H200; docs/benchmarks.md)
         self.device = device
         self.gpus = 1.0 if device.startswith("cuda") else 0.0
 
