@@ -46,7 +46,7 @@ def attention_shape(shape: str, tiny: bool) -> tuple[int, int, int]:
     """(tokens, heads, head dim) of one self-attention at a bench_dit shape."""
     task, latent = bench_dit.SHAPES[shape]
     dit = PRESETS[task].dit
-    tokens = latent[1] * latent[2] // 2 * latent[3] // 2
+    tokens = bench_dit.token_count(latent)
     return (300, 2, 128) if tiny else (tokens, dit.num_heads, dit.dim // dit.num_heads)
 
 

@@ -35,6 +35,11 @@ SHAPES = {
 TINY = dict(dim=256, ffn_dim=512, num_heads=4, num_layers=2, text_dim=64, freq_dim=32)
 
 
+def token_count(latent: tuple[int, ...]) -> int:
+    """Tokens of a latent [C, T, h, w] after the DiT's 1x2x2 patches."""
+    return latent[1] * latent[2] // 2 * latent[3] // 2
+
+
 def flops(cfg, tokens: int, text: int = 512) -> float:
     """Dense FLOPs of one forward (matmuls and attention; elementwise work left out)."""
     D, F = cfg.dim, cfg.ffn_dim
@@ -122,7 +127,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
         y = torch.randn(1, ours.config.in_dim - ours.config.out_dim, *latent[1:], device=device)
     t = torch.tensor([700.0], device=device)
     ctx = torch.randn(1, 512, ours.config.text_dim, device=device, dtype=torch.bfloat16)
-    tokens = latent[1] * latent[2] // 2 * latent[3] // 2
+    tokens = token_count(latent)
     total = flops(ours.config, tokens)
     rows = []
     with torch.no_grad():

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_dit import SHAPES, build_ours, dit_config, flops, time_forward
+from bench_dit import SHAPES, build_ours, dit_config, flops, time_forward, token_count
 
 from wan_ray.models.config import DiTConfig
 from wan_ray.models.dit import compile_blocks
@@ -112,7 +112,7 @@ def main() -> None:
             task, latent = SHAPES[shape]
             base = run(shape, 1, False, args, Path(folder))
             base_s = statistics.median(base["times"])
-            tokens = latent[1] * latent[2] // 2 * latent[3] // 2
+            tokens = token_count(latent)
             config = DiTConfig(**dit_config(task, args.tiny))
             step_flops = 2 * flops(config, tokens)  # batch 2
             for size in sizes:

@@ -7,7 +7,7 @@ several thresholds. For each it prints the detector's accuracy per attribute, th
 the float32 videos of the same seeds, and for step caching the share of expert forwards skipped.
 
     python benchmarks/tiny_quality.py [--seen 12] [--json benchmarks/results/tiny_quality.json]
-    TRITON_INTERPRET=1 python benchmarks/tiny_quality.py --variants bf16 quantized "fp8+quantized"
+    TRITON_INTERPRET=1 python benchmarks/tiny_quality.py --seen 0 --variants "quantized attention"
 
 CPU is enough (FP8 matmuls run on CPU too; the quantized attention kernel runs through Triton's interpreter
 when TRITON_INTERPRET=1 is set, slowly); the figures in docs/benchmarks.md come from this script.
