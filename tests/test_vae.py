@@ -3,6 +3,7 @@ counts, causal chunking, errors, and the diffusers key/config mapping."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from wan_ray.models.vae import (
@@ -160,6 +161,29 @@ def test_chunking_is_causal(version):
         changed = latent.clone()
         changed[:, :, 0] = 0
         assert (vae.decode(changed)[:, :, 5:] - decoded[:, :, 5:]).abs().max() > 1e-3
+
+
+def test_narrowing_conv_carries_partial_outputs():
+    """A causal conv that narrows the width carries float32 partial sums of its next kt - 1 output frames
+    between chunks, not its last input frames: the same outputs as one causal conv over the whole stream,
+    from a smaller cache that is updated in place."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(6, 2, 3, padding=1).double()
+    video = torch.randn(1, 6, 9, 5, 7, dtype=torch.float64)
+    whole = F.conv3d(F.pad(video, (0, 0, 0, 0, 2, 0)), conv.weight, conv.bias, padding=(0, 1, 1))
+    cache = CausalCache()
+    with torch.no_grad():
+        chunks = [video[:, :, :1], video[:, :, 1:5], *video[:, :, 5:].split(1, dim=2)]  # as encode, decode
+        chunks = [conv(chunk, cache) for chunk in chunks]
+        assert conv.caches_outputs and cache.frames[conv].shape == (1, 2, 2, 5, 7)
+        address = cache.frames[conv].data_ptr()
+        conv(video[:, :, :1], cache)
+        assert cache.frames[conv].data_ptr() == address
+        bf16, bf16_cache = conv.to(torch.bfloat16), CausalCache()
+        bf16(video[:, :, :1].bfloat16(), bf16_cache)
+        assert bf16_cache.frames[bf16].dtype == torch.float32  # bf16 taps, float32 sums
+    torch.testing.assert_close(torch.cat(chunks, dim=2), whole, rtol=0.0, atol=1e-12)
+    assert not CausalConv3d(2, 6, 3, padding=1).caches_outputs  # widening: inputs are the smaller cache
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
@@ -402,17 +426,18 @@ def test_compiled_norms_decode_the_same_video_with_few_graphs():
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
 def test_time_folded_into_channels_gives_the_same_video_and_latents(version, monkeypatch):
-    """fold_time_into_channels runs one-output-frame causal convs as 2-D convs: the same sums."""
+    """fold_time_into_channels runs one-output-frame causal convs as 2-D convs, on channels-last frames in the
+    decoder's per-frame stages: the same sums."""
     vae = tiny_vae(version)
     video, latent = inputs(version)
     with torch.no_grad():
         decoded, encoded = vae.decode(latent), vae.encode(video)
         fold_time_into_channels(vae)
-        folded_calls = []
-        as_conv2d = CausalConv3d._one_frame_as_conv2d
-        monkeypatch.setattr(CausalConv3d, "_one_frame_as_conv2d",
-                            lambda self, x: folded_calls.append(x.shape) or as_conv2d(self, x))
+        folded = []  # (kt, channels last) of each folded call
+        fold = CausalConv3d._folded
+        monkeypatch.setattr(CausalConv3d, "_folded", lambda self, past, x: folded.append(
+            (self.kernel_size[0], not x.is_contiguous())) or fold(self, past, x))
         torch.testing.assert_close(vae.decode(latent), decoded, rtol=0.0, atol=1e-5)
         torch.testing.assert_close(vae.encode(video), encoded, rtol=0.0, atol=1e-5)
-    assert {shape[2] for shape in folded_calls} == {1, 3}  # 1x1x1 and 3-tap convs alike
-    assert len(folded_calls) > 50
+    assert {kt for kt, _ in folded} == {1, 3}  # 1x1x1 and 3-tap convs alike
+    assert sum(channels_last for _, channels_last in folded) > 50 and len(folded) > 100

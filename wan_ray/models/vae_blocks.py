@@ -52,6 +52,15 @@ def _remember_trailing_frames(cache: CausalCache, layer: nn.Module, past: Tensor
     past[:, :, max(n - t, 0) :] = x[:, :, -n:]
 
 
+def frames_as_batch(x: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B·T, C, H, W], kept in x's layout: for channels-last x, a view with the strides
+    of a channels-last 2-D tensor (a plain transpose and flatten leaves the batch stride of a one-frame
+    tensor odd, and then convolutions and upsampling no longer see channels-last memory)."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x.transpose(1, 2).flatten(0, 1)
+    return x.permute(0, 2, 3, 4, 1).flatten(0, 1).permute(0, 3, 1, 2)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d that only looks back in time.
 
@@ -60,7 +69,15 @@ class CausalConv3d(nn.Conv3d):
 
     With `fold_time` (set by `fold_time_into_channels`), a call that makes one output frame, as every call
     of the decoder's per-frame stages does, runs as a 2-D conv over the input frames folded into channels:
-    the same sums, a view of the same memory, and cuDNN's 2-D kernels instead of its 3-D ones.
+    the same sums, and cuDNN's 2-D kernels instead of its 3-D ones. Channel-major frames fold as a view of
+    the padded input (channel c·kt + j is frame j of channel c); channels-last frames, as the decoder's tail
+    keeps them then, fold into [B, H, W, kt·C] (channel j·C + c), cuDNN's own layout: no transposes.
+
+    A conv that narrows the width (the heads: 96 channels to 3 in the 2.1 decoder) carries its *outputs*
+    instead of its inputs from chunk to chunk: each input frame is convolved once with every temporal tap,
+    and the taps that belong to later output frames wait in the cache as float32 partial sums. The same sums,
+    kt - 1 frames of `out_channels` cached instead of 2·pt frames of `in_channels` (for the 2.1 decoder's
+    head, 22 MB instead of 354 MB at 720p), and no padded copy of the input.
     """
 
     fold_time = False
@@ -71,27 +88,80 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
 
-    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        if self.time_pad:
-            past = None if cache is None else cache.frames.get(self)
-            front = [] if past is None else [past]
-            missing = self.time_pad - (0 if past is None else past.shape[2])
-            if missing:
-                front.insert(0, x.new_zeros(x.shape[0], x.shape[1], missing, *x.shape[3:]))
-            padded = torch.cat([*front, x], dim=2)  # [B, C, time_pad + T, H, W]
-            if cache is not None:
-                _remember_trailing_frames(cache, self, past, x, self.time_pad)
-            x = padded
-        if self.fold_time and x.shape[2] == self.kernel_size[0]:
-            return self._one_frame_as_conv2d(x)
-        return super().forward(x)
+    @property
+    def caches_outputs(self) -> bool:
+        """Whether chunks carry partial outputs rather than inputs (see the class): when that is smaller."""
+        kt = self.kernel_size[0]
+        return (self.out_channels < self.in_channels and self.stride[0] == 1 and kt > 1
+                and self.time_pad == kt - 1)
 
-    def _one_frame_as_conv2d(self, x: Tensor) -> Tensor:
-        b, c, t, h, w = x.shape
-        # [B, C, kt, H, W] -> [B, C·kt, H, W]: channel c·kt + j is frame j of channel c, as in the weight
-        weight = self.weight.reshape(self.out_channels, c * t, *self.kernel_size[1:])
-        out = F.conv2d(x.reshape(b, c * t, h, w), weight, self.bias, self.stride[1:], self.padding[1:])
-        return out.unsqueeze(2)  # [B, C', 1, H', W']
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        if cache is not None and self.caches_outputs:
+            return self._forward_with_partial_sums(x, cache)
+        past = None if cache is None or not self.time_pad else cache.frames.get(self)
+        one_frame = self.fold_time and self.time_pad + x.shape[2] == self.kernel_size[0]
+        padded = self._folded(past, x) if one_frame else self._padded(past, x)
+        if cache is not None and self.time_pad:  # after `past` was copied into `padded`: this may change it
+            _remember_trailing_frames(cache, self, past, x, self.time_pad)
+        if one_frame:
+            weight = self._folded_weight(channels_last=not x.is_contiguous())
+            return F.conv2d(padded, weight, self.bias, self.stride[1:], self.padding[1:]).unsqueeze(2)
+        return super().forward(padded)
+
+    def _padded(self, past: Tensor | None, x: Tensor) -> Tensor:
+        """[B, C, time_pad + T, H, W]: zeros for the frames the cache lacks, the cached ones, then `x`."""
+        if not self.time_pad:
+            return x
+        missing = self.time_pad - (0 if past is None else past.shape[2])
+        front = [x.new_zeros(*x.shape[:2], missing, *x.shape[3:])] if missing else []
+        return torch.cat([*front, *([] if past is None else [past]), x], dim=2)
+
+    def _folded(self, past: Tensor | None, x: Tensor) -> Tensor:
+        """The kt input frames of one output frame as the channels of one 2-D input [B, kt·C, H, W]."""
+        b, c, _, h, w = x.shape
+        kt = self.kernel_size[0]
+        if kt == 1:
+            return x[:, :, 0]
+        if x.is_contiguous():  # channel-major: a view of the padded frames
+            return self._padded(past, x).view(b, c * kt, h, w)
+        stacked = x.new_empty(b, h, w, kt, c)  # channels last: [B, H, W, kt, C], frame-major channels
+        missing = self.time_pad - (0 if past is None else past.shape[2])
+        stacked[:, :, :, :missing] = 0
+        if past is not None:
+            stacked[:, :, :, missing : self.time_pad] = past.permute(0, 3, 4, 2, 1)
+        stacked[:, :, :, self.time_pad :] = x.permute(0, 3, 4, 2, 1)
+        return stacked.view(b, h, w, kt * c).permute(0, 3, 1, 2)
+
+    def _folded_weight(self, channels_last: bool) -> Tensor:
+        """The weight [O, C, kt, kh, kw] for `_folded` inputs: [O, C·kt, kh, kw], or [O, kt·C, kh, kw]."""
+        o, c, kt, kh, kw = self.weight.shape
+        if not channels_last:
+            return self.weight.view(o, c * kt, kh, kw)
+        return self.weight.transpose(1, 2).reshape(o, kt * c, kh, kw).contiguous(
+            memory_format=torch.channels_last)
+
+    def _forward_with_partial_sums(self, x: Tensor, cache: CausalCache) -> Tensor:
+        b, _, t = x.shape[:3]
+        kt, width = self.kernel_size[0], self.out_channels
+        taps = self.weight.movedim(2, 0).flatten(0, 1)  # [kt·O, C, kh, kw]: tap j is rows j·O ... (j+1)·O
+        y = F.conv2d(frames_as_batch(x), taps, None, self.stride[1:], self.padding[1:])
+        y = y.unflatten(0, (b, t)).unflatten(2, (kt, width))  # [B, T, kt, O, H', W']
+        # Output frame t0 + k (t0: this chunk's first) is sums[:, :, k]; input frame t0 + i reaches it through
+        # tap j when k = i + kt - 1 - j. The first kt - 1 start from what earlier chunks contributed.
+        sums = y.new_zeros(b, width, t + kt - 1, *y.shape[4:],
+                           dtype=torch.promote_types(y.dtype, torch.float32))  # bf16 taps, float32 sums
+        pending = cache.frames.get(self)
+        if pending is not None:
+            sums[:, :, : kt - 1] = pending
+        for j in range(kt):
+            sums[:, :, kt - 1 - j : kt - 1 - j + t] += y[:, :, j].transpose(1, 2)
+        if pending is None:
+            cache.frames[self] = sums[:, :, t:].clone()
+        else:
+            pending.copy_(sums[:, :, t:])
+        out = sums[:, :, :t] if self.bias is None else sums[:, :, :t] + self.bias.float()[:, None, None, None]
+        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last_3d  # as it came
+        return out.to(x.dtype, memory_format=layout)  # [B, O, T, H', W']
 
 
 def _rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
@@ -169,7 +239,7 @@ class Resample(nn.Module):
             # Channel half 0 → frame 2t, half 1 → frame 2t+1.
             x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
         b, t = x.shape[0], x.shape[2]
-        x = x.transpose(1, 2).flatten(0, 1)  # per frame: [B·T, C, H, W]
+        x = frames_as_batch(x)  # per frame: [B·T, C, H, W]
         for layer in self.resample:  # rebinding x frees each intermediate as soon as the next exists
             x = layer(x)
         x = x.unflatten(0, (b, t)).transpose(1, 2)  # [B, C', T, H', W']
@@ -280,6 +350,7 @@ class Decoder3d(nn.Module):
         temporal = [i for i, block in enumerate(upsamples)
                     if any(isinstance(m, Resample) and m.mode == "upsample3d" for m in block.modules())]
         self.per_frame_from = temporal[-1] + 1 if temporal else 0
+        self.channels_last_tail = False  # set by `fold_time_into_channels`
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x, cache)
@@ -291,6 +362,8 @@ class Decoder3d(nn.Module):
         return torch.cat([self._tail(frame, cache) for frame in x.split(1, dim=2)], dim=2)
 
     def _tail(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if self.channels_last_tail:
+            x = x.contiguous(memory_format=torch.channels_last_3d)  # [B, C, 1, H, W] kept as [B, 1, H, W, C]
         for block in self.upsamples[self.per_frame_from:]:
             x = block(x, cache)
         return _apply_head(self.head, x, cache)
@@ -458,11 +531,15 @@ def compile_norms(vae: WanVAE) -> WanVAE:
 
 
 def fold_time_into_channels(vae: WanVAE) -> WanVAE:
-    """Run each causal conv that makes one output frame as a 2-D conv (see `CausalConv3d`); same values.
-    Not yet timed on a GPU, so nothing applies it by default (`benchmarks/bench_vae.py --variants folded`)."""
+    """Run each causal conv that makes one output frame as a 2-D conv (see `CausalConv3d`), on channels-last
+    frames in the decoder's per-frame stages, where every conv makes one frame: cuDNN's 2-D kernels in their
+    own layout, with no transposes around each conv (on an H200 those took 18 % of a 720p decode). Same
+    values."""
     for module in vae.modules():
         if isinstance(module, CausalConv3d):
             module.fold_time = True
+        elif isinstance(module, Decoder3d):
+            module.channels_last_tail = True
     return vae
 
 
