@@ -239,10 +239,19 @@ class Resample(nn.Module):
             # Channel half 0 → frame 2t, half 1 → frame 2t+1.
             x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
         b, t = x.shape[0], x.shape[2]
-        x = frames_as_batch(x)  # per frame: [B·T, C, H, W]
-        for layer in self.resample:  # rebinding x frees each intermediate as soon as the next exists
-            x = layer(x)
-        x = x.unflatten(0, (b, t)).transpose(1, 2)  # [B, C', T, H', W']
+        frames = frames_as_batch(x)  # [B·T, C, H, W]
+        out = None
+        # One frame at a time, into one output: upsampled frames are the decoder's largest activations, and
+        # a whole chunk of them at once (4 frames, with its conv's workspace) was the peak of a 720p decode.
+        for i in range(b * t):
+            y = frames[i : i + 1]
+            for layer in self.resample:
+                y = layer(y)
+            if out is None:
+                layout = torch.contiguous_format if y.is_contiguous() else torch.channels_last  # as it came
+                out = torch.empty(b * t, *y.shape[1:], dtype=y.dtype, device=y.device, memory_format=layout)
+            out[i : i + 1] = y
+        x = out.unflatten(0, (b, t)).transpose(1, 2)  # [B, C', T, H', W']
         if self.mode == "downsample3d":
             past = cache.frames.get(self)
             cache.frames[self] = x[:, :, -1:].clone()
