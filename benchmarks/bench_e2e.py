@@ -7,7 +7,8 @@ tokenizer cannot be downloaded here, so text encoding is left out of both), the 
 with shift, CFG with the (low-noise, high-noise) guidance pair and the expert switch at the same boundary.
 
 - ours: `wan_ray.sampling.sample` (batched CFG, blocks compiled as the denoise stage does on CUDA) and
-  `WanVAE.decode` (bf16 on CUDA, as the decode stage runs it), then uint8 frames;
+  `WanVAE.decode_uint8` (bf16, time folded into channels and norms compiled on CUDA, as the decode stage
+  runs it);
 - diffusers: `WanPipeline(transformer, transformer_2, boundary_ratio)` with `prompt_embeds` and
   `negative_prompt_embeds`, `output_type="np"`.
 
@@ -44,7 +45,7 @@ from wan_ray.models.attention import set_attention_backend
 from wan_ray.models.config import PRESETS
 from wan_ray.models.dit import compile_blocks
 from wan_ray.models.fp8 import quantize_fp8
-from wan_ray.models.vae import build_vae, to_uint8
+from wan_ray.models.vae import build_vae, compile_norms, fold_time_into_channels
 from wan_ray.sampling.loop import sample, seeded_noise
 from wan_ray.sampling.plan import make_plan
 
@@ -112,6 +113,8 @@ def main() -> None:
 
     experts = build_experts(device, args.tiny)
     vae, their_vae = build_vae_pair(device, args.tiny, dtype)
+    if device == "cuda":  # as the decode stage runs it
+        compile_norms(fold_time_into_channels(vae))
     pipe = diffusers_pipeline(experts, their_vae, shift)
     for model in experts.values():
         set_attention_backend(model, args.attn)
@@ -133,7 +136,7 @@ def main() -> None:
     def ours(seed: int) -> np.ndarray:
         noise, context, null = inputs(seed)
         t_sample, latent = timed(lambda: sample(experts, noise, context, null, plan), device)
-        t_decode, frames = timed(lambda: to_uint8(vae.decode(latent)[0]), device)  # [F, H, W, 3]
+        t_decode, frames = timed(lambda: vae.decode_uint8(latent)[0].cpu().numpy(), device)  # [F, H, W, 3]
         parts.setdefault("sample", []).append(t_sample)
         parts.setdefault("decode", []).append(t_decode)
         return frames
