@@ -169,32 +169,11 @@ def _rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
     return F.silu(x) if silu else x
 
 
-def _rms_norm_channels_last(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
-    """`_rms_norm` of [N, L, C] over its last dim, gamma [C]."""
-    x = F.normalize(x, dim=-1) * x.shape[-1] ** 0.5 * gamma
-    return F.silu(x) if silu else x
-
-
 @functools.cache
-def _compiled(norm: Callable[[Tensor, Tensor, bool], Tensor]) -> Callable[[Tensor, Tensor, bool], Tensor]:
-    """`norm` compiled with dynamic shapes; made on first use, so that importing the models does not import
-    the compiler."""
-    return torch.compile(norm, dynamic=True)
-
-
-def _fused_rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
-    """`_rms_norm` in one compiled kernel. Every tensor reaches the compiler as a contiguous [N, C, L] or
-    [N, L, C], detached from the tensor it views: a graph is specialised on rank, strides (a view's base's
-    too) and `silu`, and torch.compile falls back to eager after 8 graphs of one function, which the
-    decoder's 4-D, 5-D, channel-major and channels-last tensors exceeded. So: two graphs per function."""
-    gamma = gamma.detach().flatten()  # a Parameter's shape would be a guard: one graph per width
-    channels_last = x.movedim(1, -1)
-    if channels_last.is_contiguous() and not x.is_contiguous():
-        rows = channels_last.flatten(1, -2).detach()  # [N, L, C]
-        y = _compiled(_rms_norm_channels_last)(rows, gamma, silu)
-        return y.view(channels_last.shape).movedim(-1, 1)  # channels-last, as it came
-    y = _compiled(_rms_norm)(x.contiguous().flatten(2).detach(), gamma[:, None], silu)  # [N, C, L]
-    return y.view(x.shape)
+def _compiled_rms_norm() -> Callable[[Tensor, Tensor, bool], Tensor]:
+    """One compiled function for every RMSNorm (see `compile_norms`), with dynamic shapes; made on first use,
+    so that importing the models does not import the compiler."""
+    return torch.compile(_rms_norm, dynamic=True)
 
 
 class RMSNorm(nn.Module):
@@ -209,8 +188,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """The norm, followed by SiLU when `silu` (one op for `compile_norms` to fuse into one kernel)."""
-        if self.compiled:  # inference only
-            return _fused_rms_norm(x, self.gamma, silu)
+        if self.compiled:
+            # The gain as a plain tensor: a Parameter's shape would be a guard, one graph per width, and
+            # torch.compile stops recompiling (falls back to eager) after 8. Inference only. A decode with
+            # time folded into channels needs more graphs (4-D and 5-D, channel-major and channels-last), so
+            # its last norms run eager; compiling them all, one layout per function, measured slower (2.1 at
+            # 720p on an H200: 3.40 s against 3.15 s; docs/benchmarks.md).
+            return _compiled_rms_norm()(x, self.gamma.detach(), silu)
         return _rms_norm(x, self.gamma, silu)
 
 
@@ -551,7 +535,8 @@ class WanVAE(nn.Module):
 
 def compile_norms(vae: WanVAE) -> WanVAE:
     """`torch.compile` every RMSNorm (with its SiLU), for inference: one kernel instead of five memory-bound
-    passes over the decoder's largest activations. A few graphs with dynamic shapes serve every norm."""
+    passes over the decoder's largest activations. Up to 8 graphs with dynamic shapes (torch.compile's
+    recompilation limit) serve the norms; those of other ranks and layouts run eager (see `RMSNorm`)."""
     for module in vae.modules():
         if isinstance(module, RMSNorm):
             module.compiled = True
