@@ -16,8 +16,8 @@ in torch before the kernel (cheap next to attention: one pass over q, k and v); 
 contiguous 8-bit copies, so it needs no bounds checks on its loads. The kernel launch is the custom op
 `wan_ray::quantized_attention_kernel`, which torch.compile treats as one opaque call while it fuses the
 quantisation around it. On random inputs the output's relative L2 error against exact attention is about
-4 % (`tests/test_quantized_attention.py`). On an H200 at the A14B 480p shape the kernel takes 0.82× the
-time of cuDNN's bf16 attention, 692 TFLOP/s-equivalent (`benchmarks/bench_attention.py`,
+4 % (`tests/test_quantized_attention.py`). On an H200 at the A14B 480p shape the kernel takes 0.76× the
+time of cuDNN's bf16 attention, 738 TFLOP/s-equivalent (`benchmarks/bench_attention.py`,
 docs/benchmarks.md).
 
 Needs Triton and, for speed, a GPU with FP8 tensor cores (Hopper or newer). With ``TRITON_INTERPRET=1``
@@ -72,7 +72,7 @@ def _attend_tile(acc, row_max, row_sum, q, q_scale, start, k_base, vt_base, k_sc
                  cols, dims, HEAD_DIM: tl.constexpr, SCALE_BLOCK: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
                  MASKED: tl.constexpr):
     """Fold one tile of keys and values into the running (acc, row_max, row_sum) of a block of queries."""
-    # Loaded first, so that its latency hides behind the QKᵀ product (after it, the kernel ran 8 % slower).
+    # Loaded first, so that its latency hides behind the QKᵀ product (after it, the kernel ran 6-8 % slower).
     scale = q_scale * tl.load(k_scale_base + start // SCALE_BLOCK)  # > 0: to log2 units, after the max
     keys = start + cols
     k = tl.load(k_base + keys[:, None] * HEAD_DIM + dims[None, :])  # [N, d] int8
