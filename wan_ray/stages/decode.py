@@ -20,11 +20,12 @@ class Decoder(Stage):
                  compile: bool | None = None):
         device = device or default_device()
         self.vae = checkpoint.load_vae(device, dtype)
-        fold_time_into_channels(self.vae)  # exact, and faster on every device measured (docs/benchmarks.md)
+        fold_time_into_channels(self.vae)  # same values up to rounding; faster on every device measured
         if compile if compile is not None else device.startswith("cuda"):
             compile_norms(self.vae)  # fused norm + SiLU
-        # 2.1 at 720p on an H200, uint8 out: 0.92x diffusers' time eager, 0.89x fused, 0.75x fused and folded
-        # (and 0.57x its peak memory). The bundled tiny model on 2 CPU cores: twice as fast folded.
+        # 2.1 at 720p, uint8 out (H200, 2026-12-05, diffusers in the same run): 0.92x diffusers' time eager,
+        # 0.89x fused, 0.75x fused and folded (0.57x its peak memory). The tiny model on 2 CPU cores: twice as
+        # fast folded. docs/benchmarks.md
         self.device = device
         self.gpus = 1.0 if device.startswith("cuda") else 0.0
 

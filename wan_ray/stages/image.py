@@ -18,7 +18,7 @@ class ImageEncoder(Stage):
     def __init__(self, checkpoint: Checkpoint, device: str | None = None, dtype: torch.dtype = torch.float32):
         self.task = checkpoint.task
         device = device or default_device()
-        self.vae = fold_time_into_channels(checkpoint.load_vae(device, dtype))  # exact; see Decoder
+        self.vae = fold_time_into_channels(checkpoint.load_vae(device, dtype))  # see Decoder
         self.gpus = 1.0 if device.startswith("cuda") else 0.0
 
     def process(self, item: Item) -> Item:
