@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -33,6 +32,14 @@ from wan_ray.io import storage
 
 CRF = 10  # = imageio quality 8, the official setting (see module docstring)
 PRESET = "medium"  # libx264's default speed/size trade-off
+
+
+def _ffmpeg():
+    """imageio-ffmpeg, imported where a video is written or read: a process that never touches an MP4 (a
+    text-encoding or denoising worker, a GPU benchmark host without the 68 MB wheel) does not need it."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg
 
 
 def _check_frames(frames: np.ndarray, ndim: int, what: str) -> None:
@@ -57,7 +64,7 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
         raise ValueError(f"fps must be positive, got {fps}")
     with tempfile.TemporaryDirectory(prefix="wan-ray-mp4-") as tmp:
         path = str(Path(tmp) / "video.mp4")  # mp4 needs a seekable output to write its index
-        writer = imageio_ffmpeg.write_frames(
+        writer = _ffmpeg().write_frames(
             path,
             (w, h),
             fps=Fraction(fps).limit_denominator(1001),
@@ -78,7 +85,7 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
 def decode_mp4(data: bytes) -> tuple[np.ndarray, float]:
     """Frames uint8 [F, H, W, 3] and fps of an encoded video."""
     with _as_file(data) as path:
-        reader = imageio_ffmpeg.read_frames(path)
+        reader = _ffmpeg().read_frames(path)
         try:
             meta = next(reader)
             w, h = meta["size"]
@@ -96,7 +103,7 @@ def probe_mp4(data: bytes) -> dict:
     """{frames, width, height, fps, codec, pix_fmt} of the first video stream, read from ffmpeg's
     log while it copies the stream to nowhere (no decoding, so it is cheap)."""
     with _as_file(data) as path:
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path]
+        cmd = [_ffmpeg().get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path]
         cmd += ["-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
         log = subprocess.run(cmd, capture_output=True, text=True, errors="replace").stderr
     stream = re.search(r"Stream #0:\d+\S*: Video: (.*)", log)

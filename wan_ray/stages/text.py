@@ -7,19 +7,27 @@ from collections import OrderedDict
 import torch
 
 from ..models.checkpoint import Checkpoint
+from ..models.text_encoder import UMT5TextEncoder
 from .base import Stage, default_device
 from .records import Item, PromptEmbeds
 
 
 class TextEncoder(Stage):
+    """`encoder` may be given instead of a checkpoint to load it from (a benchmark's random weights)."""
+
     name = "text_encode"
 
-    def __init__(self, checkpoint: Checkpoint, device: str | None = None, dtype: torch.dtype | None = None,
-                 batch_size: int = 8, cache_size: int = 1024):
-        device = device or default_device()
-        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        self.encoder = checkpoint.load_text_encoder(device, dtype)
-        self.gpus = 1.0 if device.startswith("cuda") else 0.0
+    def __init__(self, checkpoint: Checkpoint | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None, batch_size: int = 8, cache_size: int = 1024, *,
+                 encoder: UMT5TextEncoder | None = None):
+        if encoder is None:
+            if checkpoint is None:
+                raise ValueError("TextEncoder needs a checkpoint (to load umT5 from) or an encoder")
+            device = device or default_device()
+            dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            encoder = checkpoint.load_text_encoder(device, dtype)
+        self.encoder = encoder
+        self.gpus = 1.0 if encoder.device.type == "cuda" else 0.0
         self.batch_size = batch_size
         # Most rows of a job share the negative prompt, and prompts repeat: keep recent embeddings.
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
