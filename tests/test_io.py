@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -195,6 +197,21 @@ def test_mp4_round_trip():
     error = np.abs(decoded.astype(float) - frames)
     # ~1.5 is what yuv420p itself costs (RGB->YUV rounding, chroma at half resolution) even losslessly
     assert error.mean() < 2.5 and error.max() <= 10
+
+
+def test_stages_import_without_imageio_ffmpeg():
+    # text-encoding and denoising workers, and GPU benchmark hosts, never touch an MP4: no ffmpeg needed
+    code = """
+import sys
+class NoFFmpeg:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("imageio_ffmpeg"):
+            raise ImportError(name)
+sys.meta_path.insert(0, NoFFmpeg())
+import wan_ray.stages, wan_ray.io.media
+assert "imageio_ffmpeg" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_mp4_bad_input():

@@ -18,6 +18,7 @@ from wan_ray.models.text_encoder import (
     load_tokenizer,
     load_umt5_encoder,
 )
+from wan_ray.stages import TextEncoder
 
 VOCAB, DIM, FFN, HEADS, LAYERS = 100, 32, 48, 4, 3
 WORDS = ["a", "cat", "sits", "on", "the", "mat", "under", "warm", "sun", "light"]
@@ -252,6 +253,25 @@ def test_from_checkpoint_folder(tmp_path):
     assert custom.encode(["a cat"])[0].dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError, match="missing"):
         UMT5TextEncoder.from_checkpoint(tmp_path, tokenizer_dir="missing")
+
+
+def test_stage_encodes_each_distinct_text_once_in_batches(tokenizer_dir):
+    encoder = UMT5TextEncoder(load_umt5_encoder(official_state_dict()), load_tokenizer(tokenizer_dir), 16)
+    calls = []
+    encode = encoder.encode
+    encoder.encode = lambda texts: calls.append(list(texts)) or encode(texts)
+    stage = TextEncoder(encoder=encoder, batch_size=2)
+    assert stage.gpus == 0.0
+    texts = ["a cat", "the sun", "a cat", "warm light", "the sun", "mat"]
+    outs = stage.embed(texts)
+    assert calls == [["a cat", "the sun"], ["warm light", "mat"]]  # distinct texts, in order, 2 per call
+    direct = {t: encode([t])[0] for t in texts}
+    for text, out in zip(texts, outs, strict=True):
+        torch.testing.assert_close(out, direct[text], rtol=1e-5, atol=2e-5)  # batching changes nothing
+    stage.embed(["mat", "sun"])  # "mat" is cached, only "sun" is new
+    assert calls[2:] == [["sun"]]
+    with pytest.raises(ValueError, match=r"checkpoint .* or an encoder"):
+        TextEncoder()
 
 
 @pytest.mark.parametrize(
