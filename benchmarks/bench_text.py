@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_e2e
+
 from wan_ray.models.config import PRESETS
 from wan_ray.models.text_encoder import (
     UMT5TextEncoder,
@@ -83,19 +85,10 @@ def prompts(count: int, seed: int) -> list[str]:
     return [f"video {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(40, 120))) for i in range(count)]
 
 
-def timed(fn, repeat: int, device: str) -> tuple[float, list[float], object]:
+def timed_runs(fn, repeat: int, device: str) -> tuple[float, list[float], object]:
     """(median seconds, all times, the last result) of `repeat` calls after a warm-up."""
-    times, result = [], None
-    for i in range(repeat + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+    runs = [bench_e2e.timed(fn, device) for _ in range(repeat + 1)][1:]
+    return statistics.median(t for t, _ in runs), [t for t, _ in runs], runs[-1][1]
 
 
 def rel_l2(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
@@ -142,10 +135,11 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for label, negative in negatives.items():
-            base, base_times, reference = timed(lambda n=negative: diffusers_loop(n), args.repeat, device)
+            base, base_times, reference = timed_runs(lambda n=negative: diffusers_loop(n), args.repeat,
+                                                     device)
             rows.append(dict(texts=label, impl="diffusers", seconds=base, times=base_times,
                              videos_per_s=args.videos / base, forwards=2 * args.videos))
-            seconds, times, embeds = timed(lambda n=negative: ours(n), args.repeat, device)
+            seconds, times, embeds = timed_runs(lambda n=negative: ours(n), args.repeat, device)
             distinct = len(set(texts) | set(negative))
             rows.append(dict(texts=label, impl="ours", seconds=seconds, times=times,
                              videos_per_s=args.videos / seconds, ratio=seconds / base,
