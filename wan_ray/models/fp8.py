@@ -27,7 +27,7 @@ def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class FP8Linear(nn.Module):
     """y = x W^T + b with W in float8 (per output row scale) and x quantised per token."""
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False):
         super().__init__()
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"FP8 matmuls need sizes divisible by 16, got {linear.in_features} -> "
@@ -38,28 +38,39 @@ class FP8Linear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
         self.out_dtype = out_dtype
+        # Hopper's FP8 tensor cores accumulate in reduced precision unless the product is split into chunks
+        # promoted to float32; fast accumulation skips that promotion (faster, less exact)
+        self.fast_accum = fast_accum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         values, scale = _rowwise(rows)
         out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.out_dtype)  # [tokens, out]
+                               bias=self.bias, out_dtype=self.out_dtype,
+                               use_fast_accum=self.fast_accum)  # [tokens, out]
         return out.reshape(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, float8_e4m3fn"
 
 
+def quantize_block_fp8(block: nn.Module, out_dtype: torch.dtype = torch.bfloat16,
+                       fast_accum: bool = False) -> nn.Module:
+    """Replace one `WanBlock`'s attention and FFN projections by `FP8Linear`s, in place."""
+    for path in QUANTISED:
+        owner_path, _, name = path.rpartition(".")
+        owner = block.get_submodule(owner_path)
+        linear = getattr(owner, name) if not name.isdigit() else owner[int(name)]
+        fp8 = FP8Linear(linear, out_dtype, fast_accum)
+        if name.isdigit():
+            owner[int(name)] = fp8
+        else:
+            setattr(owner, name, fp8)
+    return block
+
+
 def quantize_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace the blocks' attention and FFN projections of a loaded `WanDiT` by `FP8Linear`s, in place."""
     for block in model.blocks:
-        for path in QUANTISED:
-            owner_path, _, name = path.rpartition(".")
-            owner = block.get_submodule(owner_path)
-            linear = getattr(owner, name) if not name.isdigit() else owner[int(name)]
-            fp8 = FP8Linear(linear, out_dtype)
-            if name.isdigit():
-                owner[int(name)] = fp8
-            else:
-                setattr(owner, name, fp8)
+        quantize_block_fp8(block, out_dtype)
     return model
