@@ -17,7 +17,6 @@ L2 error against a float32 reference (torch's memory-efficient kernel on float32
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
@@ -78,7 +77,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
 
     operands = quantize_operands(q, k, v)
     out = torch.empty_like(q)
-    configs = [DEFAULT_CONFIG, dataclasses.replace(DEFAULT_CONFIG, exact_add_convert=False)]
+    configs = [DEFAULT_CONFIG]
     if args.sweep:
         configs += [KernelConfig(m, n, w, s) for m, n, w, s in
                     itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
@@ -88,8 +87,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             return out
         try:
             measure("quantized-kernel" if config == DEFAULT_CONFIG else f"kernel m{config.block_m} "
-                    f"n{config.block_n} w{config.num_warps} s{config.num_stages}"
-                    + ("" if config.exact_add_convert else " i2f"), kernel, kernel().clone())
+                    f"n{config.block_n} w{config.num_warps} s{config.num_stages}", kernel, kernel().clone())
         except Exception as error:  # a configuration the compiler rejects (e.g. out of shared memory)
             print(f"{shape} {config}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
     return rows

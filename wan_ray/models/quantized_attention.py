@@ -68,27 +68,15 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
-def _int_scores_to_float(s):
-    """int32 scores -> float32, exactly for |s| < 2^22, with an integer add and a float subtract.
-
-    Added to the bits of 1.5 * 2^23, s lands in the mantissa of a float whose value is 1.5 * 2^23 + s. The
-    conversion instruction would issue at a quarter of the FMA rate, on the unit that also computes the
-    softmax's exp2: with both, the kernel is bound by that unit rather than by its tensor cores.
-    """
-    return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
 def _attend_tile(acc, row_max, row_sum, q, q_scale, start, k_base, vt_base, k_scale_base, len_k, len_k_pad,
                  cols, dims, HEAD_DIM: tl.constexpr, SCALE_BLOCK: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
-                 MASKED: tl.constexpr, EXACT_ADD_CONVERT: tl.constexpr):
+                 MASKED: tl.constexpr):
     """Fold one tile of keys and values into the running (acc, row_max, row_sum) of a block of queries."""
     # Loaded first, so that its latency hides behind the QKᵀ product (after it, the kernel ran 6-8 % slower).
     scale = q_scale * tl.load(k_scale_base + start // SCALE_BLOCK)  # > 0: to log2 units, after the max
     keys = start + cols
     k = tl.load(k_base + keys[:, None] * HEAD_DIM + dims[None, :])  # [N, d] int8
-    s = tl.dot(q, tl.trans(k))  # [M, N] integer scores (int32 accumulation)
-    s = _int_scores_to_float(s) if EXACT_ADD_CONVERT else s.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [M, N] integer scores (int32 accumulation)
     if MASKED:  # only the last tile holds padding keys
         s = tl.where(keys[None, :] < len_k, s, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(s, 1) * scale)
@@ -107,8 +95,7 @@ def _attend_tile(acc, row_max, row_sum, q, q_scale, start, k_base, vt_base, k_sc
 def _quantized_attention_kernel(q_ptr, k_ptr, vt_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
                                 heads, len_k, len_q_pad, len_k_pad, out_stride_b, out_stride_l, out_stride_h,
                                 len_q, HEAD_DIM: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
-                                EXACT_ADD_CONVERT: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_P_SCALE: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1)  # batch * heads + head
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,13 +116,11 @@ def _quantized_attention_kernel(q_ptr, k_ptr, vt_ptr, q_scale_ptr, k_scale_ptr, 
     for start in range(0, full_tiles_end, BLOCK_N):
         acc, row_max, row_sum = _attend_tile(acc, row_max, row_sum, q, q_scale, start, k_base, vt_base,
                                              k_scale_base, len_k, len_k_pad, cols, dims, HEAD_DIM,
-                                             SCALE_BLOCK, LOG2_P_SCALE, MASKED=False,
-                                             EXACT_ADD_CONVERT=EXACT_ADD_CONVERT)
+                                             SCALE_BLOCK, LOG2_P_SCALE, MASKED=False)
     if full_tiles_end < len_k:
         acc, row_max, row_sum = _attend_tile(acc, row_max, row_sum, q, q_scale, full_tiles_end, k_base,
                                              vt_base, k_scale_base, len_k, len_k_pad, cols, dims, HEAD_DIM,
-                                             SCALE_BLOCK, LOG2_P_SCALE, MASKED=True,
-                                             EXACT_ADD_CONVERT=EXACT_ADD_CONVERT)
+                                             SCALE_BLOCK, LOG2_P_SCALE, MASKED=True)
 
     v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + dims)  # [d]
     out = acc * v_scale[None, :] / row_sum[:, None]
@@ -197,7 +182,6 @@ class KernelConfig:
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    exact_add_convert: bool = True  # scores to float by an integer add (`_int_scores_to_float`)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -210,15 +194,12 @@ def launch_kernel(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale
     if BLOCK % config.block_m or BLOCK % config.block_n:
         raise ValueError(f"kernel tiles must divide {BLOCK}: {config}")
     B, heads, len_q_pad, head_dim = q8.shape
-    if head_dim * INT8_MAX**2 >= 2**22:  # the largest score must convert exactly (`_int_scores_to_float`)
-        raise ValueError(f"head dim {head_dim} too large for the kernel; at most {2**22 // INT8_MAX**2}")
     grid = (len_q_pad // config.block_m, B * heads)
     _quantized_attention_kernel[grid](
         q8, k8, vt8, q_scale, k_scale, v_scale, out, heads, len_k, len_q_pad, k8.shape[2],
         out.stride(0), out.stride(1), out.stride(2), out.shape[1],
         HEAD_DIM=head_dim, SCALE_BLOCK=BLOCK, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        LOG2_P_SCALE=LOG2_P_SCALE, EXACT_ADD_CONVERT=config.exact_add_convert, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        LOG2_P_SCALE=LOG2_P_SCALE, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @torch.library.custom_op("wan_ray::quantized_attention_kernel", mutates_args=())
