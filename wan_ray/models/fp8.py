@@ -69,8 +69,9 @@ def quantize_block_fp8(block: nn.Module, out_dtype: torch.dtype = torch.bfloat16
     return block
 
 
-def quantize_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def quantize_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False
+                 ) -> nn.Module:
     """Replace the blocks' attention and FFN projections of a loaded `WanDiT` by `FP8Linear`s, in place."""
     for block in model.blocks:
-        quantize_block_fp8(block, out_dtype)
+        quantize_block_fp8(block, out_dtype, fast_accum)
     return model
