@@ -22,6 +22,18 @@ def test_fp8_linear_is_a_quantised_version_of_the_product():
     assert FP8Linear(linear).weight.dtype == torch.float8_e4m3fn
 
 
+def test_fast_accumulation_is_passed_to_every_product_and_stays_a_quantised_product():
+    torch.manual_seed(0)
+    model = WanDiT(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, freq_dim=32).eval()
+    quantize_fp8(model, fast_accum=True)
+    fp8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert len(fp8) == 2 * len(QUANTISED) and all(m.fast_accum for m in fp8)
+    linear = torch.nn.Linear(256, 512)
+    x = torch.randn(50, 256)
+    exact = x.double() @ linear.weight.double().t() + linear.bias.double()
+    assert 1e-3 < rel(FP8Linear(linear, fast_accum=True)(x), exact) < 0.05
+
+
 def test_sizes_must_suit_fp8_matmuls():
     with pytest.raises(ValueError, match="divisible by 16"):
         FP8Linear(torch.nn.Linear(24, 32))
