@@ -8,7 +8,7 @@ take the time. Each variant is written `linear/self-attention/cross-attention[/o
 - self- and cross-attention: an attention backend each (``cudnn``, ``quantized``, ...);
 - options: ``dynamic`` compiles for dynamic shapes (what torch.compile falls back to after a block has seen
   a second shape), ``cdt`` turns on inductor's coordinate-descent tuning of its generated kernels,
-  ``fastacc`` runs the FP8 products with fast accumulation.
+  ``exactacc`` runs the FP8 products without fast accumulation (promoting partial sums to float32).
 
 Each row is the median of `--repeat` forwards (CUDA events, after two warm-up forwards that compile). With
 `--profile`, one more forward runs under torch.profiler and its GPU kernels are summed by kind: our
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_dit
 
+from wan_ray.models.attention import set_attention_backend
 from wan_ray.models.config import DiTConfig
 from wan_ray.models.dit import RotaryEmbedding3D, WanBlock
 from wan_ray.models.fp8 import quantize_block_fp8
@@ -46,7 +47,7 @@ KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
     ("fused (inductor)", ("triton_",)),
 )
 
-OPTIONS = ("dynamic", "cdt", "fastacc")
+OPTIONS = ("dynamic", "cdt", "exactacc")
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,8 @@ def build_block(cfg: DiTConfig, device: str) -> WanBlock:
 def prepare(master: WanBlock, variant: Variant, device: str) -> WanBlock:
     block = copy.deepcopy(master)
     if variant.linear == "fp8":
-        quantize_block_fp8(block, fast_accum="fastacc" in variant.options)
-    block.self_attn.attn.backend = variant.self_attn
-    block.cross_attn.attn.backend = variant.cross_attn
+        quantize_block_fp8(block, fast_accum="exactacc" not in variant.options)
+    set_attention_backend(block, variant.self_attn, cross_attention=variant.cross_attn)
     if device == "cuda":
         block.compile(dynamic="dynamic" in variant.options,
                       options={"coordinate_descent_tuning": True} if "cdt" in variant.options else None)

@@ -149,10 +149,7 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
 
         backends = args.attn.split(",")
         for backend in backends:
-            set_attention_backend(ours, backend)
-            if args.cross_attn:
-                for block in ours.blocks:
-                    block.cross_attn.attn.backend = args.cross_attn
+            set_attention_backend(ours, backend, cross_attention=args.cross_attn)
             if not args.skip_eager:
                 measure(backend)
         if shape in args.compile.split(","):
@@ -163,11 +160,11 @@ def run_shape(shape: str, args: argparse.Namespace, device: str) -> list[dict]:
             from wan_ray.models.dit import compile_blocks
             from wan_ray.models.fp8 import quantize_fp8
 
-            quantize_fp8(ours, fast_accum=args.fast_accum)
+            quantize_fp8(ours, fast_accum=not args.exact_accum)
             if device == "cuda":  # inductor's CPU code generator fails on these graphs (torch 2.13)
                 compile_blocks(ours)
-            measure(f"{backends[-1]}+fp8" + ("+fastacc" if args.fast_accum else "")
-                    + ("+compile" if device == "cuda" else ""))
+            measure(f"{backends[-1]}" + (f"/{args.cross_attn}" if args.cross_attn else "") + "+fp8"
+                    + ("+exactacc" if args.exact_accum else "") + ("+compile" if device == "cuda" else ""))
     if device == "cuda":
         rows[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return rows
@@ -181,9 +178,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-eager", action="store_true", help="time only the compiled variant of ours")
     parser.add_argument("--fp8", action="store_true", help="also time ours with FP8 linear layers, compiled")
-    parser.add_argument("--fast-accum", action="store_true", help="FP8 products with fast accumulation")
+    parser.add_argument("--exact-accum", action="store_true", help="FP8 products without fast accumulation")
     parser.add_argument("--cross-attn", default=None, help="the cross-attentions' backend, if not the last "
-                        "of --attn")
+                        "of --attn (the denoise stage runs cudnn there with --attn quantized)")
     parser.add_argument("--compile", default="", help="shapes where the last backend is also timed with "
                         "each block compiled (torch.compile fuses the float32 elementwise work)")
     parser.add_argument("--tiny", action="store_true", help="small model and shapes, for a CPU smoke run")

@@ -41,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_dit
 import bench_vae
 
-from wan_ray.models.attention import set_attention_backend
 from wan_ray.models.config import PRESETS
 from wan_ray.models.dit import compile_blocks
 from wan_ray.models.fp8 import quantize_fp8
 from wan_ray.models.vae import build_vae, compile_norms, fold_time_into_channels
 from wan_ray.sampling.loop import sample, seeded_noise
 from wan_ray.sampling.plan import make_plan
+from wan_ray.stages.denoise import use_attention
 
 TASK = PRESETS["t2v-A14B"]
 
@@ -117,7 +117,7 @@ def main() -> None:
         compile_norms(fold_time_into_channels(vae))
     pipe = diffusers_pipeline(experts, their_vae, shift)
     for model in experts.values():
-        set_attention_backend(model, args.attn)
+        use_attention(model, args.attn, device)
         if device == "cuda":
             compile_blocks(model)
     text_dim = experts["high"].config.text_dim

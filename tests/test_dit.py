@@ -165,3 +165,22 @@ def test_init_weights_zero_head_gives_zero_output():
     model.init_weights()
     out = model(torch.randn(1, 16, 1, 2, 2), torch.tensor([10.0]), torch.randn(1, 2, 32))
     assert torch.count_nonzero(out) == 0
+
+
+def test_attention_backends_can_differ_between_self_and_cross_attention():
+    from wan_ray.models.attention import set_attention_backend
+
+    torch.manual_seed(0)
+    model = WanDiT(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, freq_dim=32).eval()
+    x, t, ctx = torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        reference = model(x, t, ctx)
+        set_attention_backend(model, "math", cross_attention="sdpa")
+        out = model(x, t, ctx)
+    assert [b.self_attn.attn.backend for b in model.blocks] == ["math", "math"]
+    assert [b.cross_attn.attn.backend for b in model.blocks] == ["sdpa", "sdpa"]
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    set_attention_backend(model, "cudnn")  # without cross_attention: every module
+    assert {b.cross_attn.attn.backend for b in model.blocks} == {"cudnn"}
+    with pytest.raises(ValueError, match="unknown attention backend 'bogus'"):
+        set_attention_backend(model, "math", cross_attention="bogus")

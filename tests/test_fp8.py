@@ -32,6 +32,7 @@ def test_fast_accumulation_is_passed_to_every_product_and_stays_a_quantised_prod
     x = torch.randn(50, 256)
     exact = x.double() @ linear.weight.double().t() + linear.bias.double()
     assert 1e-3 < rel(FP8Linear(linear, fast_accum=True)(x), exact) < 0.05
+    assert FP8Linear(linear).fast_accum and not FP8Linear(linear, fast_accum=False).fast_accum
 
 
 def test_sizes_must_suit_fp8_matmuls():

@@ -87,3 +87,17 @@ def test_attention_backend_reaches_every_expert_and_bad_names_are_errors(release
     assert np.abs(video.frames.astype(int) - default.frames.astype(int)).max() <= 2
     with pytest.raises(ValueError, match=r"unknown attention backend 'sage'; accepted: \[.*'quantized'\]"):
         wan_ray.Generator(releases["t2v"], device="cpu", attention="sage")
+
+
+def test_quantized_attention_goes_to_the_self_attention_and_cudnn_takes_the_text_keys_on_cuda():
+    from wan_ray.models.dit import WanDiT
+    from wan_ray.stages.denoise import use_attention
+
+    model = WanDiT(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, freq_dim=32)
+    use_attention(model, "quantized", "cuda:0")
+    assert [(b.self_attn.attn.backend, b.cross_attn.attn.backend) for b in model.blocks] == [
+        ("quantized", "cudnn")] * 2
+    use_attention(model, "quantized", "cpu")  # no cuDNN here: the one backend everywhere
+    assert {b.cross_attn.attn.backend for b in model.blocks} == {"quantized"}
+    use_attention(model, "flash", "cuda")  # any other backend: everywhere
+    assert {b.cross_attn.attn.backend for b in model.blocks} == {"flash"}

@@ -81,10 +81,13 @@ class Attention(nn.Module):
         return f"backend={self.backend!r}"
 
 
-def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Point every `Attention` inside `model` at `backend`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; accepted: {list(BACKENDS)}")
-    for module in model.modules():
+def set_attention_backend(model: nn.Module, backend: str, cross_attention: str | None = None) -> None:
+    """Point every `Attention` inside `model` at `backend`, those of the cross-attentions (modules named
+    `cross_attn`, as in the DiT) at `cross_attention` if given."""
+    for name in (backend, cross_attention or backend):
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; accepted: {list(BACKENDS)}")
+    for path, module in model.named_modules():
         if isinstance(module, Attention):
-            module.backend = backend
+            is_cross = "cross_attn" in path.split(".")
+            module.backend = cross_attention if is_cross and cross_attention else backend

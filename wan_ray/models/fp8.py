@@ -2,8 +2,11 @@
 
 Each block's big projections (self- and cross-attention q, k, v, o and the FFN) keep their weight in float8
 e4m3 with one scale per output row; activations are quantised per token on the fly, and the product runs in
-`torch._scaled_mm` (the FP8 tensor cores on Hopper; a reference implementation elsewhere), accumulating in
-float32 and returning bf16. Everything else — embeddings, norms, modulation, the head, attention itself —
+`torch._scaled_mm` (the FP8 tensor cores on Hopper; a reference implementation elsewhere), returning bf16.
+The products use fast accumulation by default: Hopper's FP8 tensor cores then keep their own reduced-precision
+accumulator instead of promoting partial sums to float32. At the A14B shapes that made a compiled block 2 %
+faster and left the forward's error against bf16 where it was (1.59 %; docs/benchmarks.md);
+`fast_accum=False` promotes. Everything else — embeddings, norms, modulation, the head, attention itself —
 is unchanged. The transform is applied from outside and is not a checkpoint format: quantise after loading.
 """
 
@@ -27,7 +30,7 @@ def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class FP8Linear(nn.Module):
     """y = x W^T + b with W in float8 (per output row scale) and x quantised per token."""
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = True):
         super().__init__()
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"FP8 matmuls need sizes divisible by 16, got {linear.in_features} -> "
@@ -38,9 +41,7 @@ class FP8Linear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
         self.out_dtype = out_dtype
-        # Hopper's FP8 tensor cores accumulate in reduced precision unless the product is split into chunks
-        # promoted to float32; fast accumulation skips that promotion (faster, less exact)
-        self.fast_accum = fast_accum
+        self.fast_accum = fast_accum  # see the module docstring
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -55,7 +56,7 @@ class FP8Linear(nn.Module):
 
 
 def quantize_block_fp8(block: nn.Module, out_dtype: torch.dtype = torch.bfloat16,
-                       fast_accum: bool = False) -> nn.Module:
+                       fast_accum: bool = True) -> nn.Module:
     """Replace one `WanBlock`'s attention and FFN projections by `FP8Linear`s, in place."""
     for path in QUANTISED:
         owner_path, _, name = path.rpartition(".")
@@ -69,7 +70,7 @@ def quantize_block_fp8(block: nn.Module, out_dtype: torch.dtype = torch.bfloat16
     return block
 
 
-def quantize_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False
+def quantize_fp8(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = True
                  ) -> nn.Module:
     """Replace the blocks' attention and FFN projections of a loaded `WanDiT` by `FP8Linear`s, in place."""
     for block in model.blocks:

@@ -19,6 +19,14 @@ from .records import Item
 Progress = Callable[[str, int, int], None]  # (item id, steps done, total steps)
 
 
+def use_attention(model: torch.nn.Module, attention: str, device: str) -> None:
+    """Set the expert's attention backend as the stage runs it. With ``"quantized"`` only the self-attention
+    gets our kernel: over the 512 text keys of the cross-attention, cuDNN's bf16 kernel is faster than
+    quantising them first (docs/benchmarks.md), so on CUDA that one runs in cuDNN."""
+    cross = "cudnn" if attention == "quantized" and device.startswith("cuda") else None
+    set_attention_backend(model, attention, cross_attention=cross)
+
+
 class Denoiser(Stage):
     """Runs the steps of one expert ("high", "low" or "single"). The first denoiser of a video starts it.
 
@@ -41,7 +49,7 @@ class Denoiser(Stage):
             if fp8:  # opt-in, lossy: docs/benchmarks.md gives its error
                 quantize_fp8(model)
             if attention:  # e.g. "quantized": opt-in, lossy (docs/benchmarks.md)
-                set_attention_backend(model, attention)
+                use_attention(model, attention, device)
             if step_cache:  # opt-in, lossy: skips the blocks on steps whose input barely changed
                 apply_step_cache(model, step_cache)
             if compile if compile is not None else device.startswith("cuda"):
