@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -103,15 +101,12 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [row for shape in args.shapes.split(",") for row in run_shape(shape, args, device)]
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+    info = bench_dit.run_info(device)
     print(f"{'shape':6} {'kernel':22} {'seconds':>9} {'TFLOP/s':>8} {'rel L2':>8}")
     for r in sorted(rows, key=lambda r: (r["shape"], r["seconds"])):
         print(f"{r['shape']:6} {r['kernel']:22} {r['seconds']:9.4f} {r['tflops']:8.1f} "
               f"{r['rel_l2_vs_fp32']:8.2e}")
-    if args.out:
-        result = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    bench_dit.save_rows(args.out, info, rows)
     assert math.isfinite(sum(r["rel_l2_vs_fp32"] for r in rows)), "non-finite output"
 
 

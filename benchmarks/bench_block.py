@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,12 +183,9 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [row for shape in args.shapes.split(",") for row in run_shape(shape, args, device)]
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+    info = bench_dit.run_info(device)
     print_rows(rows, args.top)
-    if args.out:
-        result = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    bench_dit.save_rows(args.out, info, rows)
 
 
 if __name__ == "__main__":

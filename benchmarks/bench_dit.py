@@ -96,6 +96,19 @@ def diffusers_twin(ours: WanDiT):
     return theirs.eval()
 
 
+def run_info(device: str) -> dict:
+    """The card, torch version and date of this run: printed above each table and saved with its rows."""
+    info = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    print(f"card: {info['card']}  torch {info['torch']}  {info['date']}")
+    return info
+
+
+def save_rows(path: str | None, info: dict, rows: list[dict]) -> None:
+    if path:
+        Path(path).write_text(json.dumps({**info, "rows": rows}, indent=2))
+
+
 def time_forward(fn, repeat: int) -> list[float]:
     times = []
     for i in range(repeat + 1):
@@ -193,17 +206,14 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+    info = run_info(device)
     print(f"{'shape':6} {'impl':9} {'attn':14} {'seconds':>8} {'TFLOP/s':>8} {'ratio':>6} {'rel L2':>8} "
           f"{'vs bf16':>8}")
     for r in rows:
         print(f"{r['shape']:6} {r['impl']:9} {r['attn']:14} {r['seconds']:8.3f} {r['tflops']:8.1f} "
               f"{r.get('ratio', 1.0):6.3f} {r.get('rel_l2_vs_diffusers', 0.0):8.2e} "
               f"{r.get('rel_l2_vs_ours_bf16', float('nan')):8.2e}")
-    if args.out:
-        result = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    save_rows(args.out, info, rows)
 
 
 if __name__ == "__main__":
