@@ -35,7 +35,7 @@ import bench_dit
 
 from wan_ray.models.attention import set_attention_backend
 from wan_ray.models.config import DiTConfig
-from wan_ray.models.dit import RotaryEmbedding3D, WanBlock
+from wan_ray.models.dit import RotaryEmbedding3D, WanBlock, cast_dit
 from wan_ray.models.fp8 import quantize_block_fp8
 
 KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
@@ -70,20 +70,13 @@ class Variant:
 
 
 def build_block(cfg: DiTConfig, device: str) -> WanBlock:
-    """A block with bench_dit's random weights (std 1/sqrt(fan-in), unit norm weights), cast as `cast_dit`
-    casts it (modulation float32, the rest bf16)."""
-    torch.manual_seed(0)
-    block = WanBlock(cfg).to(device)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            if name.endswith("weight") and "norm" in name:
-                p.fill_(1.0)
-            else:
-                std = 1.0 / p.shape[-1] ** 0.5 if p.ndim >= 2 else 0.02
-                p.copy_(torch.randn_like(p) * std)
-            if name != "modulation":
-                p.data = p.data.to(torch.bfloat16)
-    return block.eval()
+    """A block cast as `cast_dit` casts the DiT (modulation float32, the rest bf16), with bench_dit's random
+    weights."""
+    with torch.device("meta"):
+        block = WanBlock(cfg)
+    cast_dit(block, torch.bfloat16)
+    block.to_empty(device=device)
+    return bench_dit.randomize_(block, device)
 
 
 def prepare(master: WanBlock, variant: Variant, device: str) -> WanBlock:

@@ -58,19 +58,25 @@ def dit_config(task: str, tiny: bool) -> dict:
                                             "out_dim": real.out_dim, **TINY}
 
 
+def randomize_(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Fill a DiT (or one block) with random weights in place: std 1/sqrt(fan-in) for matrices, 0.02 for
+    vectors, norm weights 1; each parameter keeps its dtype."""
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            std = 1.0 / p.shape[-1] ** 0.5 if p.ndim >= 2 else 0.02
+            p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * std)
+            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or "norm3.weight" in name:
+                p.fill_(1.0)
+    return module.eval()
+
+
 def build_ours(task: str, device: str, tiny: bool) -> WanDiT:
     with torch.device("meta"):
         model = WanDiT(**dit_config(task, tiny))
     cast_dit(model, torch.bfloat16)
     model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 1.0 / p.shape[-1] ** 0.5 if p.ndim >= 2 else 0.02
-            p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * std)
-            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or "norm3.weight" in name:
-                p.fill_(1.0)
-    return model.eval()
+    return randomize_(model, device)
 
 
 def diffusers_twin(ours: WanDiT):

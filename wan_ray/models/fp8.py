@@ -4,8 +4,8 @@ Each block's big projections (self- and cross-attention q, k, v, o and the FFN) 
 e4m3 with one scale per output row; activations are quantised per token on the fly, and the product runs in
 `torch._scaled_mm` (the FP8 tensor cores on Hopper; a reference implementation elsewhere), returning bf16.
 The products use fast accumulation by default: Hopper's FP8 tensor cores then keep their own reduced-precision
-accumulator instead of promoting partial sums to float32. At the A14B shapes that made a compiled block 2 %
-faster and left the forward's error against bf16 where it was (1.59 %; docs/benchmarks.md);
+accumulator instead of promoting partial sums to float32. That made a compiled A14B block 2 % faster at 720p
+(H200) and left the forward's error against bf16 where it was (1.59 %; docs/benchmarks.md);
 `fast_accum=False` promotes. Everything else — embeddings, norms, modulation, the head, attention itself —
 is unchanged. The transform is applied from outside and is not a checkpoint format: quantise after loading.
 """
