@@ -6,9 +6,12 @@ Wan2.1 VAE (random, the same weights on both sides), precomputed prompt embeddin
 tokenizer cannot be downloaded here, so text encoding is left out of both), the same initial noise, UniPC
 with shift, CFG with the (low-noise, high-noise) guidance pair and the expert switch at the same boundary.
 
-- ours: `wan_ray.sampling.sample` (batched CFG, blocks compiled as the denoise stage does on CUDA) and
+- ours: `wan_ray.sampling.sample` (blocks compiled as the denoise stage does on CUDA) and
   `WanVAE.decode_uint8` (bf16, time folded into channels and norms compiled on CUDA, as the decode stage
-  runs it);
+  runs it), in one or more variants written `linear/attention/cfg`: linear `bf16` or `fp8` (FP8 linear
+  layers, lossy), attention a backend as the denoise stage's `attention` option sets it (e.g. `cudnn`, or
+  `quantized`: lossy), cfg `batched` (one batch-2 forward per step, the default of the stage) or `two`
+  (two batch-1 forwards, to measure what batching gains);
 - diffusers: `WanPipeline(transformer, transformer_2, boundary_ratio)` with `prompt_embeds` and
   `negative_prompt_embeds`, `output_type="np"`.
 
@@ -16,20 +19,23 @@ Each side makes one warm-up video (compilation, autotuning), then `--videos` tim
 seconds per video, videos per hour and the ratio, and the relative L2 between the two sides' frames as a
 check that they did the same work (bf16 and two solver implementations: a few percent is expected). For our
 side it also splits the time into sampling (per step) and decode, and extrapolates the official setting of
-40 steps from them: GPU-seconds per video = 40 × s/step + decode. `--fp8` adds our FP8 variant;
-`--attn` picks our attention backend (e.g. `quantized`, lossy).
+40 steps from them: GPU-seconds per video = 40 × s/step + decode. FP8 variants run after the bf16 ones
+(quantising is one-way), once diffusers' copies of the bf16 weights are dropped, so that two experts and
+their FP8 copies never share an 80 GB card.
 
     python benchmarks/bench_e2e.py --size 832x480 --frames 81 --steps 10 --videos 2 --out e2e.json
+    python benchmarks/bench_e2e.py --ours bf16/cudnn/batched,bf16/cudnn/two,fp8/quantized/batched
     python benchmarks/bench_e2e.py --tiny          # a CPU smoke run of the same code
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +56,27 @@ from wan_ray.sampling.plan import make_plan
 from wan_ray.stages.denoise import use_attention
 
 TASK = PRESETS["t2v-A14B"]
+CFG_MODES = ("batched", "two")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running our side: `linear/attention/cfg`."""
+
+    linear: str
+    attention: str
+    cfg: str
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        parts = spec.split("/")
+        if len(parts) != 3 or parts[0] not in ("bf16", "fp8") or parts[2] not in CFG_MODES:
+            raise ValueError(f"variant {spec!r}: expected linear/attention/cfg with linear bf16 or fp8 and "
+                             f"cfg one of {CFG_MODES}, e.g. bf16/cudnn/batched")
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return f"{self.linear}/{self.attention}/{self.cfg}"
 
 
 def build_experts(device: str, tiny: bool) -> dict:
@@ -99,8 +126,8 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--steps", type=int, default=10, help="sampling steps (the real default is 40)")
     p.add_argument("--videos", type=int, default=2, help="timed videos per side, after one warm-up video")
-    p.add_argument("--fp8", action="store_true", help="also time ours with FP8 linear layers (opt-in, lossy)")
-    p.add_argument("--attn", default="sdpa", help="our attention backend (e.g. cudnn, or quantized: lossy)")
+    p.add_argument("--ours", default="bf16/sdpa/batched", help="our variants, comma-separated "
+                   "linear/attention/cfg (linear bf16|fp8, cfg batched|two; fp8 ones run last)")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64x64, 5 frames, on the CPU")
     p.add_argument("--out")
     args = p.parse_args()
@@ -116,10 +143,7 @@ def main() -> None:
     if device == "cuda":  # as the decode stage runs it
         compile_norms(fold_time_into_channels(vae))
     pipe = diffusers_pipeline(experts, their_vae, shift)
-    for model in experts.values():
-        use_attention(model, args.attn, device)
-        if device == "cuda":
-            compile_blocks(model)
+    variants = sorted(map(Variant.parse, args.ours.split(",")), key=lambda v: v.linear == "fp8")
     text_dim = experts["high"].config.text_dim
     latent = (experts["high"].config.out_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
     plan = make_plan(args.steps, shift, "unipc", TASK.boundary, (low_guide, high_guide), latent_shape=latent)
@@ -132,14 +156,17 @@ def main() -> None:
 
     parts: dict[str, list[float]] = {}  # our side's time per phase, per timed video
 
-    @torch.no_grad()
-    def ours(seed: int) -> np.ndarray:
-        noise, context, null = inputs(seed)
-        t_sample, latent = timed(lambda: sample(experts, noise, context, null, plan), device)
-        t_decode, frames = timed(lambda: vae.decode_uint8(latent)[0].cpu().numpy(), device)  # [F, H, W, 3]
-        parts.setdefault("sample", []).append(t_sample)
-        parts.setdefault("decode", []).append(t_decode)
-        return frames
+    def ours(variant: Variant):
+        @torch.no_grad()
+        def make_video(seed: int) -> np.ndarray:
+            noise, context, null = inputs(seed)
+            t_sample, latent = timed(lambda: sample(experts, noise, context, null, plan,
+                                                    batched_cfg=variant.cfg == "batched"), device)
+            t_decode, frames = timed(lambda: vae.decode_uint8(latent)[0].cpu().numpy(), device)  # [F,H,W,3]
+            parts.setdefault("sample", []).append(t_sample)
+            parts.setdefault("decode", []).append(t_decode)
+            return frames
+        return make_video
 
     @torch.no_grad()
     def theirs(seed: int) -> np.ndarray:
@@ -149,19 +176,28 @@ def main() -> None:
                    guidance_scale_2=low_guide, output_type="np").frames[0]  # [F, H, W, 3] in [0, 1]
         return (np.asarray(out) * 255).round().astype(np.uint8)
 
-    def fp8_experts() -> None:
+    quantized = False
+
+    def prepare(variant: Variant) -> None:
+        """Set our experts up as the denoise stage would run `variant`."""
+        nonlocal pipe, quantized
+        torch._dynamo.reset()  # each variant compiles afresh in its warm-up, as a new worker would
+        if variant.linear == "fp8" and not quantized:
+            pipe = None  # diffusers' twins hold the bf16 weights: let them go before the FP8 copies exist
+            gc.collect()
+            for model in experts.values():
+                quantize_fp8(model)
+            quantized = True
         for model in experts.values():
-            quantize_fp8(model)  # our modules only: diffusers' twins keep the bf16 tensors
+            use_attention(model, variant.attention, device)
             if device == "cuda":
                 compile_blocks(model)
 
-    sides = [("diffusers", theirs, None), ("ours", ours, None)]
-    if args.fp8:
-        sides.append(("ours+fp8", ours, fp8_experts))
+    sides = [("diffusers", theirs, None)] + [(f"ours {v}", ours(v), v) for v in variants]
     rows, videos = [], {}
-    for name, fn, prepare in sides:
-        if prepare:
-            prepare()
+    for name, fn, variant in sides:
+        if variant:
+            prepare(variant)
         fn(0)  # warm-up
         parts.clear()
         times = []
@@ -178,25 +214,25 @@ def main() -> None:
     base = rows[0]["seconds_per_video"]
     timed_seeds = range(1, args.videos + 1)
     mean_rel_l2 = lambda a, b: float(np.mean([rel_l2(videos[a, s], videos[b, s]) for s in timed_seeds]))
-    card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    print(f"{width}x{height}x{frames}, {args.steps} steps, CFG, two experts; {card}")
-    print(f"{'impl':<10}{'s/video':>9}{'videos/h':>10}{'ratio':>7}{'s/step':>8}{'decode':>8}{'40 steps':>10}"
-          f"{'rel L2':>9}")
+    first_ours = rows[1]["impl"]
+    info = bench_dit.run_info(device)
+    print(f"{width}x{height}x{frames}, {args.steps} steps, CFG, two experts")
+    print(f"{'impl':<29}{'s/video':>9}{'videos/h':>10}{'ratio':>7}{'s/step':>8}{'decode':>8}{'40 steps':>10}"
+          f"{'rel L2':>9}{'vs ours':>9}")
     for row in rows:
         row["ratio"] = row["seconds_per_video"] / base
         row["frames_rel_l2_vs_diffusers"] = mean_rel_l2(row["impl"], "diffusers")
-        extra = f"{'':>26}"
+        extra = f"{'':>35}"
         if "seconds_per_step" in row:
+            row["frames_rel_l2_vs_first_ours"] = mean_rel_l2(row["impl"], first_ours)
             extra = (f"{row['seconds_per_step']:>8.2f}{row['decode_seconds']:>8.2f}"
-                     f"{row['seconds_at_40_steps']:>10.1f}")
-        print(f"{row['impl']:<10}{row['seconds_per_video']:>9.2f}{3600 / row['seconds_per_video']:>10.1f}"
-              f"{row['ratio']:>7.2f}{extra}{row['frames_rel_l2_vs_diffusers']:>9.2e}")
-    if args.fp8:
-        print(f"frames rel L2, ours+fp8 vs ours: {mean_rel_l2('ours+fp8', 'ours'):.2e}")
-    if args.out:
-        report = dict(card=card, torch=torch.__version__, size=[width, height], frames=frames,
-                      steps=args.steps, rows=rows)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                     f"{row['seconds_at_40_steps']:>10.1f}{row['frames_rel_l2_vs_diffusers']:>9.2e}"
+                     f"{row['frames_rel_l2_vs_first_ours']:>9.2e}")
+        print(f"{row['impl']:<29}{row['seconds_per_video']:>9.2f}{3600 / row['seconds_per_video']:>10.1f}"
+              f"{row['ratio']:>7.2f}{extra}")
+    print(f"rel L2: the frames against diffusers'; vs ours: against {first_ours}'s")
+    setting = {"size": [width, height], "frames": frames, "steps": args.steps}
+    bench_dit.save_rows(args.out, {**info, **setting}, rows)
 
 
 if __name__ == "__main__":
