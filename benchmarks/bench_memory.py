@@ -4,8 +4,9 @@ Random bf16 weights at the true sizes: the TI2V-5B DiT (5.0 B parameters, 10 GB)
 allocator is capped with `torch.cuda.set_per_process_memory_fraction`, so going over the cap raises an
 out-of-memory error instead of borrowing the rest of the card. The work is what `Generator` does for a
 text-to-video request on this model: sampling with batched CFG (one batch-2 forward per step; the step
-count does not change the peak, so `--steps` is small), then the bf16 VAE decode and the uint8 frames. The
-umT5 text encoder is left out: with `t5_cpu` it never touches the GPU (its embeddings stand in here).
+count does not change the peak, so `--steps` is small), then the bf16 VAE decode to uint8 frames as the
+decode stage runs it (time folded into channels, norms compiled on CUDA). The umT5 text encoder is left
+out: with `t5_cpu` it never touches the GPU (its embeddings stand in here).
 The decode is measured twice: with the DiT still on the GPU (no memory options) and after moving it to the
 CPU, which is what `offload_model` does between the denoise segment and the decode.
 
@@ -31,7 +32,7 @@ import bench_vae
 
 from wan_ray.models.config import PRESETS
 from wan_ray.models.dit import compile_blocks
-from wan_ray.models.vae import build_vae, to_uint8
+from wan_ray.models.vae import build_vae, compile_norms, fold_time_into_channels
 from wan_ray.sampling.loop import sample, seeded_noise
 from wan_ray.sampling.plan import make_plan
 
@@ -79,6 +80,9 @@ def main() -> None:
         compile_blocks(dit)
     config = dict((bench_vae.TINY if args.tiny else bench_vae.REAL)["2.2"])
     vae = phase("build VAE 2.2", lambda: build_vae("2.2", **config).eval().to(device, dtype), device, rows)
+    fold_time_into_channels(vae)  # as the decode stage runs it
+    if device == "cuda":
+        compile_norms(vae)
 
     latent = (dit.config.out_dim, (frames - 1) // 4 + 1, height // 16, width // 16)
     plan = make_plan(args.steps, TASK.sample_shift, "unipc", None, TASK.guide_scale, latent_shape=latent)
@@ -91,7 +95,7 @@ def main() -> None:
     if args.compile:
         phase("compile warm-up (one video)", sample_fn, device, rows)
     z = phase(f"sample ({args.steps} steps, batched CFG)", sample_fn, device, rows)
-    decode = lambda: to_uint8(vae.decode(z)[0])
+    decode = lambda: vae.decode_uint8(z)[0]  # [F, H, W, 3] uint8
     phase("decode + frames, DiT resident", decode, device, rows)
     phase("offload DiT to the CPU", lambda: dit.to("cpu"), device, rows)
     if device == "cuda":

@@ -6,7 +6,8 @@
 
 Rows: diffusers' decode (bf16 video out), our `decode` (float32 video out) and, per `--variants`, our
 `decode_uint8` (the uint8 frames the decode stage keeps), eager, with `compile_norms` (fused) and/or with
-`fold_time_into_channels` (folded).
+`fold_time_into_channels` (folded). Below float32, the uint8 rows also give their distance from our float32
+decode's frames: what the low precision costs.
 """
 
 from __future__ import annotations
@@ -121,11 +122,22 @@ def run_case(case: str, dtype: torch.dtype, args: argparse.Namespace, device: st
         out = add("ours", lambda: model.decode(z))
         rows[-1]["rel_l2_vs_diffusers"] = ((out.float() - ref).norm() / ref.norm()).item()
         ref_frames = pixels_to_uint8(ref).float()
+        uint8_rows = {}
         for variant in args.variants.split(","):
             del model
             model = ours(variant)
-            frames = add(f"ours uint8 {variant}", lambda model=model: model.decode_uint8(z)).float()
-            rows[-1]["rel_l2_vs_diffusers"] = ((frames - ref_frames).norm() / ref_frames.norm()).item()
+            frames = add(f"ours uint8 {variant}", lambda model=model: model.decode_uint8(z))
+            error = (frames.float() - ref_frames).norm() / ref_frames.norm()
+            rows[-1]["rel_l2_vs_diffusers"] = error.item()
+            uint8_rows[len(rows) - 1] = frames
+        if dtype != torch.float32:  # what the low precision costs: against our float32 decode's frames
+            del model
+            model = copy.deepcopy(built).to(device)
+            exact = model.decode_uint8(z).cpu().float()
+            for i, frames in uint8_rows.items():
+                error = (frames.float() - exact).abs()
+                rows[i].update(rel_l2_vs_float32=(error.norm() / exact.norm()).item(),
+                               mean_abs_levels_vs_float32=error.mean().item())
     return rows
 
 
@@ -149,11 +161,15 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"card: {card}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
     print(f"{'case':9} {'dtype':9} {'impl':32} {'seconds':>8} {'peak GiB':>9} {'t ratio':>7} {'m ratio':>7} "
-          f"{'rel L2':>8}")
+          f"{'rel L2':>8} {'fp32 L2':>8} {'fp32 lvl':>8}")
     for r in rows:
+        fidelity = (f" {r['rel_l2_vs_float32']:8.2e} {r['mean_abs_levels_vs_float32']:8.3f}"
+                    if "rel_l2_vs_float32" in r else "")
         print(f"{r['case']:9} {r['dtype']:9} {r['impl']:32} {r['seconds']:8.3f} {r['peak_gib']:9.2f} "
               f"{r.get('time_ratio', 1.0):7.3f} {r.get('memory_ratio', 1.0):7.3f} "
-              f"{r.get('rel_l2_vs_diffusers', 0):8.2e}")
+              f"{r.get('rel_l2_vs_diffusers', 0):8.2e}{fidelity}")
+    print("rel L2: against diffusers' video; fp32 L2 / lvl: our uint8 frames against our float32 decode's "
+          "(relative L2, mean levels of 255)")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=2))

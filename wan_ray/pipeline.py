@@ -19,7 +19,7 @@ from .models.checkpoint import Checkpoint, open_checkpoint
 from .sampling.plan import Plan
 from .sampling.request import Request, make_request, safe_id
 from .stages import Decoder, Denoiser, ImageEncoder, Item, Stage, TextEncoder
-from .stages.base import default_device
+from .stages.base import default_device, default_dtype
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Generator:
         self.task = self.checkpoint.task
         self.device = device or default_device()
         on_gpu = self.device.startswith("cuda")
-        dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        dtype = dtype or default_dtype(self.device)
         self.offload_model = offload_model and on_gpu
         self.text = TextEncoder(self.checkpoint, "cpu" if t5_cpu else self.device, dtype)
         self.image = ImageEncoder(self.checkpoint, self.device) if self.task.dit.model_type != "t2v" else None
@@ -67,7 +67,7 @@ class Generator:
         self.denoisers = [Denoiser(self.checkpoint, name, expert_device, dtype, batched_cfg=batched_cfg,
                                    fp8=fp8, step_cache=step_cache, attention=attention)
                           for name in self.checkpoint.experts]
-        self.decoder = Decoder(self.checkpoint, self.device)
+        self.decoder = Decoder(self.checkpoint, self.device, dtype)
 
     def request(self, prompt: str, **fields: Any) -> Request:
         """Validate one request against this model (raises `RequestError` naming what is accepted)."""

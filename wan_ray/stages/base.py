@@ -25,6 +25,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """The compute dtype of the models on `device`: bf16 on a GPU (each model keeps float32 where its
+    precision map needs it), float32 on a CPU."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 class Stage:
     name: ClassVar[str]
     gpus: float = 0.0  # GPUs this stage's work occupies, for GPU-seconds accounting

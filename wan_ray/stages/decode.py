@@ -9,17 +9,19 @@ from ..io.media import encode_mp4, thumbnail
 from ..models.checkpoint import Checkpoint
 from ..models.vae import compile_norms, fold_time_into_channels
 from ..sampling.loop import DenoiseState
-from .base import Stage, default_device
+from .base import Stage, default_device, default_dtype
 from .records import Item, Video
 
 
 class Decoder(Stage):
     name = "decode"
 
-    def __init__(self, checkpoint: Checkpoint, device: str | None = None, dtype: torch.dtype = torch.float32,
+    def __init__(self, checkpoint: Checkpoint, device: str | None = None, dtype: torch.dtype | None = None,
                  compile: bool | None = None):
         device = device or default_device()
-        self.vae = checkpoint.load_vae(device, dtype)
+        # bf16 on a GPU (the convolutions sum in float32 and the frames are made in float32: WanVAE), float32
+        # on a CPU. docs/benchmarks.md gives what bf16 costs against a float32 decode.
+        self.vae = checkpoint.load_vae(device, dtype or default_dtype(device))
         fold_time_into_channels(self.vae)  # same values up to rounding; faster on every device measured
         if compile if compile is not None else device.startswith("cuda"):
             compile_norms(self.vae)  # fused norm + SiLU

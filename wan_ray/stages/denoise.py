@@ -13,7 +13,7 @@ from ..models.fp8 import quantize_fp8
 from ..sampling.cache import apply_step_cache, reset_step_cache
 from ..sampling.loop import DenoiseState, run_segment, seeded_noise, start_state
 from ..sampling.plan import plan_request
-from .base import Stage, default_device
+from .base import Stage, default_device, default_dtype
 from .records import Item
 
 Progress = Callable[[str, int, int], None]  # (item id, steps done, total steps)
@@ -44,7 +44,7 @@ class Denoiser(Stage):
         self.name = f"denoise_{expert}"
         device = device or default_device()
         if model is None:
-            dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            dtype = dtype or default_dtype(device)
             model = checkpoint.load_expert(expert, device, dtype)
             if fp8:  # opt-in, lossy: docs/benchmarks.md gives its error
                 quantize_fp8(model)

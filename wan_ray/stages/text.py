@@ -8,7 +8,7 @@ import torch
 
 from ..models.checkpoint import Checkpoint
 from ..models.text_encoder import UMT5TextEncoder
-from .base import Stage, default_device
+from .base import Stage, default_device, default_dtype
 from .records import Item, PromptEmbeds
 
 
@@ -24,7 +24,7 @@ class TextEncoder(Stage):
             if checkpoint is None:
                 raise ValueError("TextEncoder needs a checkpoint (to load umT5 from) or an encoder")
             device = device or default_device()
-            dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            dtype = dtype or default_dtype(device)
             encoder = checkpoint.load_text_encoder(device, dtype)
         self.encoder = encoder
         self.gpus = 1.0 if encoder.device.type == "cuda" else 0.0
