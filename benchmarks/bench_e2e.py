@@ -176,18 +176,15 @@ def main() -> None:
                    guidance_scale_2=low_guide, output_type="np").frames[0]  # [F, H, W, 3] in [0, 1]
         return (np.asarray(out) * 255).round().astype(np.uint8)
 
-    quantized = False
-
     def prepare(variant: Variant) -> None:
         """Set our experts up as the denoise stage would run `variant`."""
-        nonlocal pipe, quantized
+        nonlocal pipe
         torch._dynamo.reset()  # each variant compiles afresh in its warm-up, as a new worker would
-        if variant.linear == "fp8" and not quantized:
+        if variant.linear == "fp8" and pipe is not None:  # the first FP8 variant quantises, once
             pipe = None  # diffusers' twins hold the bf16 weights: let them go before the FP8 copies exist
             gc.collect()
             for model in experts.values():
                 quantize_fp8(model)
-            quantized = True
         for model in experts.values():
             use_attention(model, variant.attention, device)
             if device == "cuda":

@@ -45,7 +45,8 @@ class Generator:
     `model` is a bundled name (`"tiny"`) or a release folder (official or diffusers layout). Memory options
     for a single smaller GPU, as the official code offers them: `offload_model` keeps only the active expert
     on the GPU (the others wait on the CPU), `t5_cpu` runs the text encoder on the CPU; weights are always
-    converted to the compute `dtype` as they load (default bf16 on a GPU, float32 on a CPU). `fp8` swaps
+    converted to the compute `dtype` as they load (default bf16 on a GPU, float32 on a CPU), except the image
+    encoder's VAE, which encodes the one conditioning image in float32. `fp8` swaps
     the experts' big projections for FP8 ones, and `step_cache` skips their blocks on steps whose input barely
     changed (both lossy and opt-in: `wan_ray.models.fp8`, `wan_ray.sampling.cache`); `attention` picks the
     experts' attention backend (`wan_ray.models.attention`; "quantized" is lossy and opt-in).
